@@ -1,0 +1,30 @@
+"""The model's forward pass as a pure, jit-compiled function of arrays."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from models.kv_cache import AttentionMetadata, KVCache
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
+def forward(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: Int[Array, " tokens"],
+    positions: Int[Array, " tokens"],
+    kv_cache: KVCache,
+    md: AttentionMetadata,
+    logits_indices: Int[Array, " rows"],
+) -> tuple[Float[Array, "rows vocab"], KVCache]:
+    """Logits (float32) of the tokens at `logits_indices`, and the updated cache.
+
+    The cache is donated: the caller must use the returned one and never the argument.
+    """
+    model = nnx.merge(graphdef, state)
+    hidden, kv_cache = model(tokens, positions, kv_cache, md)
+    return model.logits(hidden[logits_indices]), kv_cache

@@ -1,0 +1,39 @@
+"""The paged KV cache and the per-step metadata that tells attention where to look."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+# One (keys, values) pair of pages per layer, each [pages, page_size, kv_heads, head_dim].
+LayerKV = tuple[Float[Array, "pages page_size kv_heads head_dim"], Float[Array, "pages page_size kv_heads head_dim"]]
+KVCache = list[LayerKV]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where a ragged batch's tokens go and what they see. Built by the runner on the host."""
+
+    slot_mapping: Int[Array, " tokens"]  # cache slot (page * page_size + offset) per token; -1 = padding
+    block_tables: Int[Array, "seqs max_blocks"]  # page ids of each sequence, in order
+    context_lens: Int[Array, " seqs"]  # cached tokens per sequence after this step's writes
+    query_start_loc: Int[Array, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
+
+
+def allocate_kv_cache(
+    num_layers: int,
+    num_pages: int,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype,
+    sharding: jax.sharding.Sharding | None = None,
+) -> KVCache:
+    # jnp.zeros, never jnp.empty: from jax 0.11 on, empty is uninitialised memory.
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return [(make(), make()) for _ in range(num_layers)]

@@ -1,0 +1,157 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as Flax NNX modules.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+`vocab`); `models/sharding.py` maps them onto a mesh. Weights are laid out for einsum:
+projections are [in, *out], e.g. q_proj [embed, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from kernels.paged_kv_write import write_kv_pages_ref
+from kernels.ragged_paged_attention import ragged_paged_attention_ref
+from models.config import ModelConfig
+from models.kv_cache import AttentionMetadata, KVCache, LayerKV
+from models.rope import apply_rope, inverse_frequencies
+
+
+def _param(shape: tuple[int, ...], axes: tuple[str, ...], dtype, fill: float = 0.0) -> nnx.Param:
+    # Values are placeholders: real weights come from the checkpoint (see models/loader.py).
+    return nnx.Param(jnp.full(shape, fill, dtype), sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axis: str):
+        self.weight = _param((dim,), (axis,), dtype, fill=1.0)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        # Normalise in float32, scale in the activation dtype, as transformers does.
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype):
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.window = cfg.layer_windows[layer]
+        self.q_proj = _param((e, h, d), ("embed", "heads", "head_dim"), dtype)
+        self.k_proj = _param((e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = _param((e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = _param((h, d, e), ("heads", "head_dim", "embed"), dtype)
+        if cfg.attention_bias:
+            self.q_bias = _param((h, d), ("heads", "head_dim"), dtype)
+            self.k_bias = _param((k, d), ("kv_heads", "head_dim"), dtype)
+            self.v_bias = _param((k, d), ("kv_heads", "head_dim"), dtype)
+        if cfg.o_proj_bias:
+            self.o_bias = _param((e,), ("embed",), dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, "head_dim")
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, "head_dim")
+
+    def __call__(
+        self,
+        x: Float[Array, "tokens embed"],
+        positions: Int[Array, " tokens"],
+        kv: LayerKV,
+        md: AttentionMetadata,
+    ) -> tuple[Float[Array, "tokens embed"], LayerKV]:
+        cfg = self.cfg
+        with jax.named_scope("qkv"):
+            q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
+            k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
+            v = jnp.einsum("te,ehd->thd", x, self.v_proj[...])
+            if cfg.attention_bias:
+                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+        with jax.named_scope("rope"):
+            inv_freq = jnp.asarray(inverse_frequencies(cfg.rope, cfg.head_dim))
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        with jax.named_scope("attention"):
+            k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
+            out = ragged_paged_attention_ref(
+                q,
+                k_pages,
+                v_pages,
+                md.block_tables,
+                md.context_lens,
+                md.query_start_loc,
+                sm_scale=cfg.head_dim**-0.5,
+                sliding_window=self.window,
+            )
+        y = jnp.einsum("thd,hde->te", out, self.o_proj[...])
+        if cfg.o_proj_bias:
+            y = y + self.o_bias[...]
+        return y, (k_pages, v_pages)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.has_bias = cfg.mlp_bias
+        self.gate_proj = _param((e, m), ("embed", "mlp"), dtype)
+        self.up_proj = _param((e, m), ("embed", "mlp"), dtype)
+        self.down_proj = _param((m, e), ("mlp", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.gate_bias = _param((m,), ("mlp",), dtype)
+            self.up_bias = _param((m,), ("mlp",), dtype)
+            self.down_bias = _param((e,), ("embed",), dtype)
+
+    def __call__(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens embed"]:
+        gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]
+        if self.has_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        y = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        return y + self.down_bias[...] if self.has_bias else y
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
+        self.self_attn = Attention(cfg, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
+        self.mlp = MLP(cfg, dtype)
+
+    def __call__(self, x, positions, kv: LayerKV, md: AttentionMetadata):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, kv, md)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+        self.cfg = cfg
+        self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(
+        self,
+        tokens: Int[Array, " tokens"],
+        positions: Int[Array, " tokens"],
+        kv_cache: KVCache,
+        md: AttentionMetadata,
+    ) -> tuple[Float[Array, "tokens embed"], KVCache]:
+        """Final hidden states of every token, and the cache with this step's keys written."""
+        x = self.embed_tokens[...][tokens]
+        new_cache = []
+        for layer, kv in zip(self.layers, kv_cache, strict=True):
+            x, kv = layer(x, positions, kv, md)
+            new_cache.append(kv)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: Float[Array, "rows embed"]) -> Float[Array, "rows vocab"]:
+        if self.cfg.tie_word_embeddings:
+            out = jnp.einsum("re,ve->rv", hidden, self.embed_tokens[...])
+        else:
+            out = hidden @ self.lm_head[...]
+        return out.astype(jnp.float32)
