@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 
 from models.chat_template import ChatTemplateError, render_chat_template
 
@@ -56,7 +56,8 @@ class Tokenizer:
         extra = config.get("extra_special_tokens", config.get("additional_special_tokens"))
         extra_tokens = [_token_text(t) for t in extra] if isinstance(extra, list) else []
         _register_special_tokens(backend, [*special_tokens.values(), *extra_tokens])
-        _apply_bos_eos_flags(backend, config, special_tokens)
+        # add_bos_token / add_eos_token are ignored on purpose: transformers 5 drops them when
+        # tokenizer.json exists, so its post-processor alone decides what encode() adds.
         return cls(
             backend,
             special_tokens,
@@ -187,22 +188,6 @@ def _register_special_tokens(backend: tokenizers.Tokenizer, texts: Iterable[str]
     missing = [t for t in dict.fromkeys(texts) if t not in already_special]
     if missing:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-
-
-def _apply_bos_eos_flags(backend: tokenizers.Tokenizer, config: Mapping[str, Any], special: Mapping[str, str]) -> None:
-    # When tokenizer_config.json sets add_bos_token or add_eos_token, transformers replaces the
-    # post-processor of tokenizer.json with one built from these flags, so the flags win.
-    if "add_bos_token" not in config and "add_eos_token" not in config:
-        return
-    single, pair, used = ["$A:0"], ["$B:1"], []
-    for flag, name, at_start in (("add_bos_token", "bos_token", True), ("add_eos_token", "eos_token", False)):
-        text = special.get(name)
-        if not config.get(flag) or text is None:
-            continue
-        used.append((text, backend.token_to_id(text)))
-        single.insert(0 if at_start else len(single), f"{text}:0")
-        pair.insert(0 if at_start else len(pair), f"{text}:1")
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=single + pair, special_tokens=used)
 
 
 def _as_id_list(value: int | list[int] | None) -> list[int]:
