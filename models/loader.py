@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from models.config import ModelConfig
 from models.kv_cache import KVCache, allocate_kv_cache
 from models.llama import CausalLM
-from models.safetensors_io import CheckpointError, MappedFiles, TensorInfo, index_checkpoint
+from models.orbax_store import restore_params, save_params
+from models.safetensors_io import INDEX_NAME, CheckpointError, MappedFiles, TensorInfo, index_checkpoint
 from models.sharding import KV_CACHE_AXES, ShardingRules, make_mesh
 from models.weight_map import WeightSource, ignorable, weight_source
 
@@ -101,8 +102,6 @@ def load_model(
     graphdef, state, specs = abstract_model(cfg, dtype)
     shardings = {s.path: rules.sharding(s.axes, s.shape, mesh) for s in specs}
     if (model_dir / ORBAX_DIR).is_dir():
-        from models.orbax_store import restore_params
-
         arrays = restore_params(model_dir / ORBAX_DIR, specs, shardings, dtype)
     else:
         arrays = _read_safetensors(model_dir, cfg, specs, shardings, dtype)
@@ -164,3 +163,19 @@ def _place(
     return jax.make_array_from_callback(
         spec.shape, sharding, lambda index: np.ascontiguousarray(view[index], dtype=np_dtype)
     )
+
+
+def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> float:
+    """Write `model_dir` as a Tessera folder with orbax weights; returns the seconds taken."""
+    import shutil
+
+    started = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = load_model(model_dir, dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
+            shutil.copy2(f, out_dir / f.name)
+    arrays = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(model.state)}
+    save_params(out_dir / ORBAX_DIR, arrays)
+    return time.perf_counter() - started
