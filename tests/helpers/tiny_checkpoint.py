@@ -104,3 +104,11 @@ def load_reference(model_dir: Path, torch_dtype: torch.dtype = torch.float32):
     """The same checkpoint loaded by transformers, as the numerical reference."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="eager")
     return model.eval()
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/demo-model")
+    build_checkpoint(out, sys.argv[2] if len(sys.argv) > 2 else "llama")
+    print(f"wrote a random llama checkpoint to {out}")
