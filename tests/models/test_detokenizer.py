@@ -61,20 +61,19 @@ def test_flush_returns_incomplete_character_at_the_end(tok):
     assert detok.flush() == " " + REPLACEMENT == tok.decode([296, 99])
 
 
-def test_each_step_decodes_a_short_window(tok):
-    class CountingTokenizer:
-        def __init__(self):
-            self.window_lengths = []
+def test_each_step_decodes_a_short_window(tok, monkeypatch):
+    window_lengths = []
+    real_decode = tok.decode
 
-        def decode(self, ids, skip_special_tokens=True):
-            self.window_lengths.append(len(ids))
-            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    def counting_decode(ids, skip_special_tokens=True):
+        window_lengths.append(len(ids))
+        return real_decode(ids, skip_special_tokens=skip_special_tokens)
 
+    monkeypatch.setattr(tok, "decode", counting_decode)
     ids = tok.encode(TEXT * 20, add_special_tokens=False)
-    counting = CountingTokenizer()
-    chunks = _stream(IncrementalDetokenizer(counting, _prompt(tok)), ids)
+    chunks = _stream(IncrementalDetokenizer(tok, _prompt(tok)), ids)
     assert len(ids) > 500
     assert "".join(chunks) == TEXT * 20
     # The first window is the prompt context (5) plus one token; later ones hold the last
     # emitted tokens plus the bytes of one character. None grows with the sequence.
-    assert max(counting.window_lengths) <= 8
+    assert max(window_lengths) <= 8
