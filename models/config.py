@@ -35,6 +35,7 @@ _DEFAULTS = {
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _ROPE_TYPES = ("default", "linear", "llama3")
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class ModelConfig:
             raise ConfigError(f"{path} not found: a model folder needs config.json")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
@@ -113,6 +114,8 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         if raw.get(name) is None:
             raise ConfigError(f"config.json is missing the field {name!r}")
         _positive_int(raw, name)
+    if raw.get("num_key_value_heads") is not None:
+        _positive_int(raw, "num_key_value_heads")
     get = lambda name: raw[name] if raw.get(name) is not None else _DEFAULTS[kind].get(name)  # noqa: E731
 
     act = raw.get("hidden_act", "silu")
@@ -139,9 +142,9 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(get("rms_norm_eps")),
-        max_position_embeddings=int(get("max_position_embeddings")),
-        rope=_rope(raw, float(_rope_theta(raw, kind))),
+        rms_norm_eps=_number(get("rms_norm_eps"), "rms_norm_eps", float),
+        max_position_embeddings=_number(get("max_position_embeddings"), "max_position_embeddings", int),
+        rope=_rope(raw, _number(_rope_theta(raw, kind), "rope_theta", float)),
         tie_word_embeddings=bool(get("tie_word_embeddings")),
         attention_bias=attention_bias,
         o_proj_bias=attention_bias and kind in ("llama", "qwen3"),
@@ -156,7 +159,7 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
 def _architecture(raw: dict[str, Any]) -> str:
     archs = raw.get("architectures")
     if archs:
-        if not isinstance(archs, list) or len(archs) != 1:
+        if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
             raise ConfigError(f"architectures={archs!r}: expected exactly one architecture")
         if archs[0] not in ARCHITECTURES:
             raise ConfigError(
@@ -175,6 +178,13 @@ def _positive_int(raw: dict[str, Any], name: str) -> None:
     value = raw[name]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _number(value: Any, name: str, kind: type) -> int | float:
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}={value!r} must be a number") from e
 
 
 def _rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -219,8 +229,16 @@ def _rope(raw: dict[str, Any], theta: float) -> RopeConfig:
     )
 
 
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    # null (or 0) means no window; anything else must be a size in tokens.
+    if not raw.get("sliding_window"):
+        return None
+    _positive_int(raw, "sliding_window")
+    return raw["sliding_window"]
+
+
 def _layer_windows(raw: dict[str, Any], kind: str, num_layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+    window = _sliding_window(raw)
     layer_types = raw.get("layer_types")
     if layer_types is not None:
         allowed = ("full_attention", "sliding_attention")
@@ -233,6 +251,7 @@ def _layer_windows(raw: dict[str, Any], kind: str, num_layers: int) -> tuple[int
     if kind == "mistral":
         return (window or None,) * num_layers
     if kind in ("qwen2", "qwen3") and raw.get("use_sliding_window") and window:
-        first = raw.get("max_window_layers", num_layers)
+        first = raw.get("max_window_layers")
+        first = _QWEN_MAX_WINDOW_LAYERS if first is None else first
         return tuple(window if i >= first else None for i in range(num_layers))
     return (None,) * num_layers

@@ -80,6 +80,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(path: Path, name: str, meta, data_start: int, file_size: int) -> TensorInfo:
+    if isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and meta["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{path.name}: tensor {name!r} has dtype {meta['dtype']}, which is not supported")
     try:
         dtype = _DTYPES[meta["dtype"]]
         shape = tuple(int(d) for d in meta["shape"])
