@@ -1,14 +1,53 @@
-"""Token sampling on the device: greedy, temperature and nucleus (top-p).
+"""Token sampling on the device.
 
-Each row's random key is derived from its own seed and the position it samples for, so a
-request's tokens do not depend on what else shares the batch.
+Order, as in vLLM: penalties on the raw logits, then temperature, min-p, top-k and top-p,
+then one draw per row. Each row's random key is derived from its own seed and the position
+it samples for, so a request's tokens do not depend on what else shares the batch.
+Logprobs are those of the raw model distribution.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, UInt32
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+NUM_TOP_LOGPROBS = 20  # always computed; requests take the first N they asked for
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: Float[Array, " rows"]  # 0 = greedy
+    top_p: Float[Array, " rows"]  # 1 = off
+    top_k: Int[Array, " rows"]  # 0 = off
+    min_p: Float[Array, " rows"]  # 0 = off
+    seeds: UInt32[Array, " rows"]
+    positions: Int[Array, " rows"]  # position of the token being drawn
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LogitAdjustments:
+    """Only passed when a row in the batch uses penalties or min_tokens."""
+
+    output_counts: Int[Array, "rows vocab"]  # occurrences of each token in the output so far
+    seen: Bool[Array, "rows vocab"]  # token occurs in the prompt or the output
+    banned: Bool[Array, "rows vocab"]  # may not be drawn now (EOS before min_tokens)
+    presence_penalty: Float[Array, " rows"]
+    frequency_penalty: Float[Array, " rows"]
+    repetition_penalty: Float[Array, " rows"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampledTokens:
+    tokens: Int[Array, " rows"]
+    logprobs: Float[Array, " rows"]  # of the drawn token
+    top_ids: Int[Array, "rows top"]
+    top_logprobs: Float[Array, "rows top"]
 
 
 def row_keys(seeds: UInt32[Array, " rows"], positions: Int[Array, " rows"]) -> jax.Array:
@@ -16,28 +55,51 @@ def row_keys(seeds: UInt32[Array, " rows"], positions: Int[Array, " rows"]) -> j
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
 
-@jax.jit
-def sample(
-    logits: Float[Array, "rows vocab"],
-    temperature: Float[Array, " rows"],
-    top_p: Float[Array, " rows"],
-    seeds: UInt32[Array, " rows"],
-    positions: Int[Array, " rows"],
-) -> Int[Array, " rows"]:
-    """Temperature 0 means greedy; top_p 1 keeps the whole distribution."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    scaled = _keep_top_p(scaled, top_p)
-    drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, positions), scaled)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+def apply_adjustments(logits: Float[Array, "rows vocab"], adj: LogitAdjustments) -> Float[Array, "rows vocab"]:
+    rep = adj.repetition_penalty[:, None]
+    logits = jnp.where(adj.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = adj.output_counts.astype(logits.dtype)
+    logits = logits - adj.frequency_penalty[:, None] * counts
+    logits = logits - adj.presence_penalty[:, None] * (counts > 0)
+    return jnp.where(adj.banned, -jnp.inf, logits)
 
 
-def _keep_top_p(logits: Float[Array, "rows vocab"], top_p: Float[Array, " rows"]) -> Float[Array, "rows vocab"]:
-    # Keep the smallest set of most likely tokens whose probability reaches top_p.
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+def sample_tokens(
+    logits: Float[Array, "rows vocab"], s: SamplingInputs, adj: LogitAdjustments | None = None
+) -> SampledTokens:
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
+    if adj is not None:
+        logits = apply_adjustments(logits, adj)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # Sorting the vocabulary is the costly part: skip it when every row is greedy.
+    tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy, lambda: _draw(logits, s, greedy))
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _draw(logits: Float[Array, "rows vocab"], s: SamplingInputs, greedy: Int[Array, " rows"]) -> Int[Array, " rows"]:
+    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = jax.lax.cond(
+        jnp.any((s.top_p < 1) | (s.top_k > 0)), lambda: _truncate(scaled, s.top_k, s.top_p), lambda: scaled
+    )
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < s.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, scaled)
+    drawn = jax.vmap(jax.random.categorical)(row_keys(s.seeds, s.positions), scaled).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, drawn, greedy)
+
+
+def _truncate(
+    logits: Float[Array, "rows vocab"], top_k: Int[Array, " rows"], top_p: Float[Array, " rows"]
+) -> Float[Array, "rows vocab"]:
+    """Keep the top_k most likely tokens, then the smallest set of them reaching top_p."""
+    vocab = logits.shape[-1]
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+    sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p[:, None]
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    kept = (mass_before < top_p[:, None]) & (sorted_logits > -jnp.inf)
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text as it is generated")
     _add_model_flags(gen)
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompts-file", help="JSONL file of prompts to run through the engine at once")
+    gen.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs together")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -36,34 +39,67 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from models.detokenizer import IncrementalDetokenizer
-    from models.loader import load_model
-    from models.sharding import make_mesh
-    from models.tokenizer import Tokenizer
-    from runtime.generate import SamplingParams, generate_ids
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.request import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give exactly one of --prompt and --prompts-file")
+    defaults = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    tokenizer = Tokenizer.from_dir(args.model)
-    model = load_model(
-        args.model, args.dtype, mesh=make_mesh(args.tensor_parallel), max_token_id=tokenizer.max_token_id
+    engine = Engine.from_model_dir(
+        args.model, args.dtype, EngineConfig(max_num_seqs=args.max_num_seqs), tensor_parallel=args.tensor_parallel
     )
+    if args.prompts_file is not None:
+        return _generate_many(engine, Path(args.prompts_file), defaults)
+    prompt: str | list[int] = args.prompt
     if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    eos = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    for token in generate_ids(model, prompt_ids, params, eos):
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    engine.add_request(prompt, SamplingParams(**defaults), request_id="cli")
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write("".join(o.text for o in out.outputs))
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+_PROMPT_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                  "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "n")
+
+
+def _generate_many(engine, path: Path, defaults: dict) -> int:
+    """Every line of a JSONL file is a prompt ({"prompt": text} or {"prompt_token_ids": [...]},
+    optional "id" and sampling fields); all run through the engine at once. Prints one JSON
+    line per prompt, in file order."""
+    import json
+
+    from runtime.request import SamplingParams
+
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt = item["prompt"] if "prompt" in item else item["prompt_token_ids"]
+            fields = {**defaults, **{k: item[k] for k in _PROMPT_FIELDS if k in item}}
+            for key in ("stop", "stop_token_ids"):
+                if key in fields:
+                    fields[key] = (fields[key],) if isinstance(fields[key], str) else tuple(fields[key])
+            request = engine.make_request(prompt, SamplingParams(**fields), request_id=str(item.get("id", number)))
+        except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path}:{number}: {e}") from e
+        engine.add(request)
+        ids.append(request.request_id)
+    done = engine.run_to_completion()
+    for request_id in ids:
+        for index, out in sorted(done[request_id].items()):
+            print(json.dumps({"id": request_id, "index": index, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}, ensure_ascii=False))
     return 0
 
 

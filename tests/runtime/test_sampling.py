@@ -1,52 +1,99 @@
-"""On-device sampling: greedy, temperature, top-p and per-row seeded keys."""
+"""On-device sampling: greedy, temperature, top-k, top-p, min-p, penalties, logprobs, seeded keys."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from runtime.sampling import sample
+from runtime.sampling import LogitAdjustments, SamplingInputs
+from runtime.sampling import sample_tokens as _sample_tokens
 
-LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+sample_tokens = jax.jit(_sample_tokens)  # as the runner calls it: inside one compiled step
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+LOGITS = jnp.log(jnp.asarray([PROBS], jnp.float32))
 
 
-def _draw(temperature, top_p, seed, position, logits=LOGITS):
-    rows = logits.shape[0]
-    out = sample(
-        logits,
-        jnp.full((rows,), temperature, jnp.float32),
-        jnp.full((rows,), top_p, jnp.float32),
-        jnp.full((rows,), seed, jnp.uint32),
-        jnp.full((rows,), position, jnp.int32),
+def _inputs(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, position=0):
+    full = lambda v, dt: jnp.full((rows,), v, dt)  # noqa: E731
+    positions = jnp.asarray(position, jnp.int32) if np.ndim(position) else full(position, jnp.int32)
+    return SamplingInputs(
+        full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
+        full(min_p, jnp.float32), full(seed, jnp.uint32), positions,
     )
-    return np.asarray(out).tolist()
+
+
+def _draws(count=300, **kw):
+    """`count` draws from PROBS by one request at positions 0..count-1, in one batch."""
+    logits = jnp.broadcast_to(LOGITS, (count, 4))
+    return sample_tokens(logits, _inputs(count, position=np.arange(count), **kw)).tokens.tolist()
 
 
 def test_temperature_zero_is_argmax():
     logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]], jnp.float32)
-    assert _draw(0.0, 1.0, 0, 0, logits) == [1, 0]
+    assert sample_tokens(logits, _inputs(2, temperature=0.0)).tokens.tolist() == [1, 0]
 
 
 def test_top_p_keeps_the_smallest_nucleus():
-    # Mass 0.5 + 0.3 reaches 0.8: only tokens 0 and 1 may be drawn.
-    drawn = {_draw(1.0, 0.8, 0, pos)[0] for pos in range(200)}
-    assert drawn == {0, 1}
-    # A tiny top_p keeps the single most likely token.
-    assert {_draw(1.0, 0.01, 0, pos)[0] for pos in range(50)} == {0}
+    assert set(_draws(top_p=0.8)) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert set(_draws(50, top_p=0.01)) == {0}
+
+
+def test_top_k_and_min_p():
+    assert set(_draws(top_k=3)) == {0, 1, 2}
+    assert set(_draws(top_k=1)) == {0}
+    # min_p 0.35: tokens below 0.35 * 0.5 = 0.175 are dropped.
+    assert set(_draws(min_p=0.35)) == {0, 1}
 
 
 def test_full_distribution_frequencies():
-    counts = np.bincount([_draw(1.0, 1.0, 3, pos)[0] for pos in range(2000)], minlength=4) / 2000
-    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    counts = np.bincount(_draws(2000, seed=3), minlength=4) / 2000
+    np.testing.assert_allclose(counts, PROBS, atol=0.04)
 
 
 def test_same_seed_and_position_same_token_whatever_the_batch():
-    alone = _draw(1.0, 1.0, 11, 5)[0]
-    batch = sample(
-        jnp.concatenate([LOGITS] * 3),
-        jnp.ones(3, jnp.float32),
-        jnp.ones(3, jnp.float32),
-        jnp.asarray([99, 11, 4], jnp.uint32),
-        jnp.asarray([0, 5, 9], jnp.int32),
+    alone = _draws(1, seed=11)
+    batch = SamplingInputs(
+        jnp.ones(3, jnp.float32), jnp.ones(3, jnp.float32), jnp.zeros(3, jnp.int32), jnp.zeros(3, jnp.float32),
+        jnp.asarray([99, 11, 4], jnp.uint32), jnp.asarray([0, 0, 9], jnp.int32),
     )
-    assert int(batch[1]) == alone
-    seqs = [[_draw(1.0, 1.0, seed, pos)[0] for pos in range(30)] for seed in (1, 1, 2)]
-    assert seqs[0] == seqs[1] and seqs[0] != seqs[2]
+    assert int(sample_tokens(jnp.concatenate([LOGITS] * 3), batch).tokens[1]) == alone[0]
+    assert _draws(30, seed=1) == _draws(30, seed=1) != _draws(30, seed=2)
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    out = sample_tokens(LOGITS, _inputs(1, temperature=0.0))
+    np.testing.assert_allclose(float(out.logprobs[0]), np.log(0.5), rtol=1e-6)
+    assert out.top_ids[0, :4].tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(np.asarray(out.top_logprobs[0, :4]), np.log(PROBS), rtol=1e-6)
+
+
+def _adjust(counts, seen, banned=None, presence=0.0, frequency=0.0, repetition=1.0):
+    v = len(counts)
+    return LogitAdjustments(
+        jnp.asarray([counts], jnp.int32), jnp.asarray([seen], bool),
+        jnp.asarray([banned or [False] * v], bool),
+        jnp.asarray([presence], jnp.float32), jnp.asarray([frequency], jnp.float32), jnp.asarray([repetition], jnp.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    "adjust, expected_token",
+    [
+        (dict(counts=[3, 0, 0, 0], seen=[1, 0, 0, 0], frequency=0.2), 1),  # 2.0 - 0.6 = 1.4 < 1.5
+        (dict(counts=[1, 0, 0, 0], seen=[1, 0, 0, 0], presence=0.6), 1),  # 2.0 - 0.6 = 1.4 < 1.5
+        (dict(counts=[1, 0, 0, 0], seen=[1, 0, 0, 0], presence=0.4), 0),  # 2.0 - 0.4 = 1.6 > 1.5
+        (dict(counts=[0, 0, 0, 0], seen=[1, 0, 0, 0], repetition=1.5), 1),  # 2.0 / 1.5 = 1.33 < 1.5
+        (dict(counts=[0, 0, 0, 0], seen=[0, 0, 0, 0], banned=[True, False, False, False]), 1),
+    ],
+)
+def test_penalties_change_the_greedy_choice(adjust, expected_token):
+    logits = jnp.asarray([[2.0, 1.5, -1.0, 0.5]], jnp.float32)
+    out = sample_tokens(logits, _inputs(1, temperature=0.0), _adjust(**adjust))
+    assert int(out.tokens[0]) == expected_token
+
+
+def test_repetition_penalty_multiplies_negative_logits():
+    logits = jnp.asarray([[-1.0, -1.2, -3.0, -3.0]], jnp.float32)
+    out = sample_tokens(logits, _inputs(1, temperature=0.0), _adjust([0] * 4, [1, 0, 0, 0], repetition=1.5))
+    assert int(out.tokens[0]) == 1  # -1.0 * 1.5 = -1.5 < -1.2

@@ -1,0 +1,146 @@
+"""An asyncio front for the engine, whose step loop runs on its own thread.
+
+Requests are checked in the caller's task (so a bad one raises there, at once) and handed
+to the loop thread through a queue; outputs come back to each request's asyncio queue.
+A consumer that stops iterating (a client that went away) aborts its request, and its pages
+are freed before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from runtime.engine import Engine
+from runtime.outputs import RequestOutput
+from runtime.request import Request, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; requests in flight cannot finish."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **request_fields,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; the last one has finished=True."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
+        request = self.engine.make_request(prompt, params, request_id=request_id, **request_fields)
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request.request_id in self._streams:
+                raise ValueError(f"request_id={request.request_id!r} is already in use")
+            self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self.start()
+        self._send(("add", request))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, ValueError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine loop has stopped: {item!r}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._send(("abort", request.request_id))
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- the loop thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(self._idle_wait_s)
+                    self._wake.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
+            log.exception("engine loop failed")
+            self.error = e
+            with self._lock:
+                request_ids = list(self._streams)
+            for request_id in request_ids:
+                self._deliver(request_id, e)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request: Request = arg
+                try:
+                    self.engine.add(request)
+                except ValueError as e:  # e.g. an id still in use: only this request fails
+                    self._deliver(request.request_id, e)
+            elif kind == "abort":
+                output = self.engine.abort(arg)
+                if output is not None:
+                    self._deliver(arg, output)
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)

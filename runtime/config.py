@@ -1,0 +1,52 @@
+"""Engine settings, checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16
+    """Tokens per KV cache page."""
+    num_blocks: int | None = None
+    """KV cache pages; None sizes the pool from kv_cache_memory_bytes."""
+    kv_cache_memory_bytes: int = 2 * 2**30
+    """Memory for the KV cache when num_blocks is not given."""
+    max_num_seqs: int = 16
+    """Sequences in one step, at most (also the fixed row count of the sampling batch)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decodes plus prefill chunks."""
+    max_model_len: int | None = None
+    """Prompt plus output tokens per sequence; None = the model's max_position_embeddings."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps, mixed with other sequences' decodes."""
+    enable_prefix_caching: bool = True
+    """Reuse KV pages of prompt prefixes seen before."""
+    token_buckets: tuple[int, ...] | None = None
+    """Padded token counts the step compiles for; None = powers of two up to the budget."""
+    model_id: str = ""
+    """Part of every prefix-cache key, so two models never share pages."""
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
+            )
+
+    def resolved_token_buckets(self) -> tuple[int, ...]:
+        if self.token_buckets:
+            buckets = tuple(sorted(set(self.token_buckets)))
+            if buckets[-1] < self.max_num_batched_tokens:
+                raise ValueError(f"the largest token bucket must be >= max_num_batched_tokens={self.max_num_batched_tokens}")
+            return buckets
+        buckets, b = [], 1
+        while b < self.max_num_batched_tokens:
+            buckets.append(b)
+            b *= 2
+        return (*buckets, self.max_num_batched_tokens)

@@ -1,0 +1,226 @@
+"""The engine: requests in, one scheduled and computed step at a time, outputs out.
+
+    step():  scheduler.schedule() -> runner.run(batch) -> scheduler.postprocess(batch, tokens)
+             -> text and stop strings -> RequestOutput per request that made progress
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.loader import LoadedModel, load_model
+from models.sharding import make_mesh
+from models.tokenizer import Tokenizer
+from runtime.block_manager import BlockManager
+from runtime.config import EngineConfig
+from runtime.outputs import CompletionOutput, RequestOutput, SequenceText, TokenLogprob
+from runtime.request import FinishReason, Request, SamplingParams, Sequence
+from runtime.runner import Runner
+from runtime.scheduler import Scheduler, SchedulerLimits
+
+log = logging.getLogger(__name__)
+_request_ids = itertools.count()
+
+
+@dataclass
+class EngineCounters:
+    """Running totals for metrics and tests."""
+
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
+    generation_tokens: int = 0
+    finished_requests: int = 0
+    step_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+        num_blocks = config.num_blocks or self._blocks_for_memory(config)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching)
+        limits = SchedulerLimits(
+            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, config.enable_chunked_prefill
+        )
+        self.scheduler = Scheduler(limits, self.blocks)
+        self.runner = Runner(
+            model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len, config.resolved_token_buckets()
+        )
+        self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
+        self.counters = EngineCounters()
+        self._texts: dict[int, SequenceText] = {}
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1
+    ) -> Engine:
+        tokenizer = Tokenizer.from_dir(model_dir)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel), max_token_id=tokenizer.max_token_id)
+        config = config or EngineConfig()
+        config.model_id = config.model_id or str(Path(model_dir).name)
+        return cls(model, tokenizer, config)
+
+    def _blocks_for_memory(self, config: EngineConfig) -> int:
+        cfg = self.model.cfg
+        per_block = 2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
+        enough = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        return max(1, min(config.kv_cache_memory_bytes // per_block, enough))
+
+    def warm_up(self) -> float:
+        seconds = self.runner.warm_up()
+        log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
+        return seconds
+
+    # -- requests -------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        tenant: str = "default",
+        cache_salt: str = "",
+    ) -> Request:
+        """A checked request, not yet queued. Raises ValueError naming the bad field."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model.cfg.vocab_size
+        if not ids:
+            raise ValueError("prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens and the "
+                f"model's context is {self.max_model_len} tokens"
+            )
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids={bad} are outside the vocabulary [0, {vocab})")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is larger than max_num_seqs={self.config.max_num_seqs}")
+        pages = -(-(len(ids) + params.max_tokens) // self.config.block_size)
+        if pages > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt plus max_tokens needs {pages} KV cache pages; the cache has {self.blocks.num_blocks}"
+            )
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_num_batched_tokens={self.config.max_num_batched_tokens} "
+                "with chunked prefill off"
+            )
+        return Request(
+            request_id=request_id or f"req-{next(_request_ids)}",
+            prompt_token_ids=ids,
+            params=params,
+            priority=priority,
+            tenant=tenant,
+            cache_salt=cache_salt,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def add(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self.counters.prompt_tokens += request.num_prompt_tokens
+        for seq in request.sequences:
+            self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, **kwargs) -> Request:
+        request = self.make_request(prompt, params, **kwargs)
+        self.add(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        outputs = [
+            CompletionOutput(s.index, self._texts.pop(s.seq_id).finish() if s.seq_id in self._texts else "", [],
+                             None, FinishReason.ABORT.value)
+            for s in request.sequences
+        ]
+        return self._request_output(request, outputs)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        result = self.runner.run(batch)
+        grown = self.scheduler.postprocess(batch, result.tokens)
+        self.counters.steps += 1
+        self.counters.computed_tokens += batch.num_tokens
+        self.counters.generation_tokens += len(grown)
+        self.counters.step_seconds += result.seconds
+
+        by_request: dict[str, tuple[Request, list[CompletionOutput]]] = {}
+        for seq in grown:
+            out = self._sample_output(seq, result.logprobs.get(seq.seq_id))
+            by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
+        outputs = [self._request_output(request, outs) for request, outs in by_request.values()]
+        self.counters.finished_requests += sum(o.finished for o in outputs)
+        return outputs
+
+    def _sample_output(self, seq: Sequence, logprob) -> CompletionOutput:
+        token = seq.token_ids[-1]
+        text_state = self._texts[seq.seq_id]
+        text, stop = text_state.add(token)
+        if stop is not None and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP, stop)
+        if seq.is_finished:
+            if stop is None:
+                text += text_state.finish()
+            del self._texts[seq.seq_id]
+        logprobs = None
+        if logprob is not None:
+            chosen, top_ids, top_lps = logprob
+            logprobs = [TokenLogprob(token, chosen, tuple(zip(top_ids, top_lps)))]
+        return CompletionOutput(
+            seq.index, text, [token], logprobs,
+            seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
+        )
+
+    def _request_output(self, request: Request, outputs: list[CompletionOutput]) -> RequestOutput:
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        if request.is_finished:
+            metrics["finished_time"] = time.monotonic()
+        return RequestOutput(
+            request_id=request.request_id,
+            outputs=outputs,
+            finished=request.is_finished,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.sequences[0].num_cached_tokens,
+            num_generated_tokens=sum(s.num_output_tokens for s in request.sequences),
+            metrics=metrics,
+        )
+
+    # -- convenience ----------------------------------------------------------------------
+
+    def run_to_completion(self) -> dict[str, dict[int, CompletionOutput]]:
+        """Step until idle; the accumulated output of every sample, by request id and index."""
+        done: dict[str, dict[int, CompletionOutput]] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                merged = done.setdefault(out.request_id, {})
+                for o in out.outputs:
+                    acc = merged.setdefault(o.index, CompletionOutput(o.index, "", [], [] if o.logprobs else None))
+                    acc.text += o.text
+                    acc.token_ids += o.token_ids
+                    if o.logprobs:
+                        acc.logprobs = (acc.logprobs or []) + o.logprobs
+                    acc.finish_reason, acc.stop_reason = o.finish_reason, o.stop_reason
+        return done

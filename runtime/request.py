@@ -1,0 +1,173 @@
+"""Requests, their sampling parameters, and the sequences the scheduler moves around.
+
+A request with `n` samples owns `n` sequences. Sample 0 prefills the prompt first; the
+others wait until it has, then find the prompt's full blocks in the prefix cache, so the
+prompt is computed once and its blocks shared (see `Scheduler`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None  # None: drawn once at random, so the request is still reproducible from its outputs
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # top-N alternatives per generated token, N <= 20
+    n: int = 1
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be an integer >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 disables it)")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
+        _check(0 < self.repetition_penalty <= 2, "repetition_penalty", self.repetition_penalty, "must be in (0, 2]")
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", self.n, f"must be an integer in [1, {MAX_N}]")
+        _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, "must be in [0, max_tokens]")
+        if self.logprobs is not None:
+            _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_logit_adjustment(self) -> bool:
+        """Penalties or min_tokens: the step must be given per-row token counts and bans."""
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+            or self.min_tokens > 0
+        )
+
+
+def _check(ok: bool, field_name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{field_name}={value!r} {rule}")
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # back in the waiting queue, its blocks freed, to be recomputed
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request: the token ids so far and where they live in the cache."""
+
+    request: Request
+    index: int  # sample number within the request
+    token_ids: list[int]
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def seed(self) -> int:
+        # Each sample gets its own stream from the request's seed.
+        return (self.request.seed + self.index * 0x9E3779B1) % 2**32
+
+    @property
+    def priority_key(self) -> tuple[int, float, int]:
+        """Smaller runs first: priority, then arrival, then sample order."""
+        return (self.request.priority, self.request.arrival_time, self.index)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0  # lower runs first, as in vLLM
+    tenant: str = "default"
+    cache_salt: str = ""  # isolates this request's prefix-cache entries from other salts
+    adapter_id: str = ""
+    arrival_time: float = field(default_factory=time.monotonic)
+    eos_token_ids: frozenset[int] = frozenset()  # the model's end tokens (tokenizer and config)
+    seed: int = 0
+    sequences: list[Sequence] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    def __post_init__(self):
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(32)
+        self.sequences = [Sequence(self, i, list(self.prompt_token_ids)) for i in range(self.params.n)]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)
+
+    @property
+    def stop_ids_before_min_tokens(self) -> frozenset[int]:
+        """Tokens that would end a sample, banned until it has min_tokens."""
+        eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
+        return eos | frozenset(self.params.stop_token_ids)

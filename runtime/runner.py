@@ -1,0 +1,161 @@
+"""Turns a scheduled batch into padded arrays and runs one jitted step: forward + sampling.
+
+Shapes are fixed per token bucket: tokens are padded to the smallest bucket that holds the
+step, and the sequence rows always number `max_num_seqs`, so the whole server compiles one
+program per bucket (two when a request needs logit adjustments), all during `warm_up()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.kv_cache import AttentionMetadata, KVCache
+from models.loader import LoadedModel
+from runtime.request import Sequence
+from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
+from runtime.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
+def _step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    kv_cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    md: AttentionMetadata,
+    logits_indices: jax.Array,
+    sampling: SamplingInputs,
+    adjustments: LogitAdjustments | None,
+) -> tuple[SampledTokens, KVCache]:
+    model = nnx.merge(graphdef, state)
+    hidden, kv_cache = model(tokens, positions, kv_cache, md)
+    logits = model.logits(hidden[logits_indices])
+    return sample_tokens(logits, sampling, adjustments), kv_cache
+
+
+@dataclasses.dataclass
+class StepResult:
+    tokens: dict[int, int]  # seq id -> drawn token, for chunks that sample
+    logprobs: dict[int, tuple[float, list[int], list[float]]]  # seq id -> (chosen, top ids, top logprobs)
+    seconds: float
+
+
+class Runner:
+    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, token_buckets: tuple[int, ...]):
+        self.model = model
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.token_buckets = token_buckets
+        self.vocab_size = model.cfg.vocab_size
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.token_buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_buckets[-1]}")
+
+    def warm_up(self) -> float:
+        """Compile every bucket, with and without logit adjustments, on an all-padding batch."""
+        started = time.perf_counter()
+        for bucket in self.token_buckets:
+            for adjust in (False, True):
+                self._execute(SchedulerOutput(), bucket, adjust)
+        return time.perf_counter() - started
+
+    def run(self, out: SchedulerOutput) -> StepResult:
+        started = time.perf_counter()
+        adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
+        sampled = self._execute(out, self.bucket_for(out.num_tokens), adjust)
+        tokens, logprobs = {}, {}
+        drawn, chosen, top_ids, top_lps = jax.device_get(
+            (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+        )
+        for row, chunk in enumerate(out.chunks):
+            if not chunk.samples:
+                continue
+            sid = chunk.seq.seq_id
+            tokens[sid] = int(drawn[row])
+            if chunk.seq.request.params.logprobs is not None:
+                n = chunk.seq.request.params.logprobs
+                logprobs[sid] = (float(chosen[row]), top_ids[row, :n].tolist(), top_lps[row, :n].tolist())
+        return StepResult(tokens, logprobs, time.perf_counter() - started)
+
+    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool) -> SampledTokens:
+        S = self.max_num_seqs
+        tokens = np.zeros(bucket, np.int32)
+        positions = np.zeros(bucket, np.int32)
+        slots = np.full(bucket, -1, np.int32)
+        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
+        context_lens = np.zeros(S, np.int32)
+        query_start = np.zeros(S + 1, np.int32)
+        logits_indices = np.zeros(S, np.int32)
+        temperature, top_p, min_p = np.zeros(S, np.float32), np.ones(S, np.float32), np.zeros(S, np.float32)
+        top_k, seeds, sample_pos = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
+        at = 0
+        for row, chunk in enumerate(out.chunks):
+            seq, n = chunk.seq, chunk.num_tokens
+            span = np.arange(chunk.start, chunk.start + n)
+            table = np.asarray(seq.block_ids, np.int32)
+            tokens[at : at + n] = seq.token_ids[chunk.start : chunk.start + n]
+            positions[at : at + n] = span
+            slots[at : at + n] = table[span // self.block_size] * self.block_size + span % self.block_size
+            block_tables[row, : len(table)] = table
+            context_lens[row] = chunk.start + n
+            at += n
+            query_start[row + 1] = at
+            logits_indices[row] = at - 1
+            p = seq.request.params
+            temperature[row], top_p[row], top_k[row], min_p[row] = p.temperature, p.top_p, p.top_k, p.min_p
+            seeds[row], sample_pos[row] = seq.seed, seq.num_tokens
+        query_start[len(out.chunks) + 1 :] = at
+        md = AttentionMetadata(
+            slot_mapping=jnp.asarray(slots),
+            block_tables=jnp.asarray(block_tables),
+            context_lens=jnp.asarray(context_lens),
+            query_start_loc=jnp.asarray(query_start),
+        )
+        sampling = SamplingInputs(
+            jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(min_p),
+            jnp.asarray(seeds), jnp.asarray(sample_pos),
+        )
+        adjustments = self._adjustments(out) if adjust else None
+        sampled, self.kv_cache = _step(
+            self.model.graphdef, self.model.state, self.kv_cache, jnp.asarray(tokens), jnp.asarray(positions),
+            md, jnp.asarray(logits_indices), sampling, adjustments,
+        )
+        return sampled
+
+    def _adjustments(self, out: SchedulerOutput) -> LogitAdjustments:
+        S, V = self.max_num_seqs, self.vocab_size
+        counts = np.zeros((S, V), np.int32)
+        seen = np.zeros((S, V), np.bool_)
+        banned = np.zeros((S, V), np.bool_)
+        presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
+        for row, chunk in enumerate(out.chunks):
+            p = chunk.seq.request.params
+            if not (chunk.samples and p.needs_logit_adjustment):
+                continue
+            seq: Sequence = chunk.seq
+            counts[row] = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=V)[:V]
+            seen[row, seq.token_ids] = True
+            presence[row], frequency[row], repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            if seq.num_output_tokens < p.min_tokens:
+                banned[row, list(seq.request.stop_ids_before_min_tokens)] = True
+        return LogitAdjustments(
+            jnp.asarray(counts), jnp.asarray(seen), jnp.asarray(banned),
+            jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(repetition),
+        )
