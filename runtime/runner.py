@@ -1,8 +1,8 @@
 """Turns a scheduled batch into padded arrays and runs one jitted step: forward + sampling.
 
 Shapes are fixed per token bucket: tokens are padded to the smallest bucket that holds the
-step, and the sequence rows always number `max_num_seqs`, so the whole server compiles one
-program per bucket (two when a request needs logit adjustments), all during `warm_up()`.
+step, and the sequence rows number min(bucket, max_num_seqs), so the whole server compiles
+one program per bucket (two when a request needs logit adjustments), all during `warm_up()`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class Runner:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_buckets[-1]}")
 
+    def rows_for(self, bucket: int) -> int:
+        """Sequence rows of a bucket: a step of T tokens holds at most T sequences, so small
+        (decode) steps do not pay for max_num_seqs rows of logits and sampling."""
+        return min(bucket, self.max_num_seqs)
+
     def warm_up(self) -> float:
         """Compile every bucket, with and without logit adjustments, on an all-padding batch."""
         started = time.perf_counter()
@@ -95,7 +100,7 @@ class Runner:
         return StepResult(tokens, logprobs, time.perf_counter() - started)
 
     def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool) -> SampledTokens:
-        S = self.max_num_seqs
+        S = self.rows_for(bucket)
         tokens = np.zeros(bucket, np.int32)
         positions = np.zeros(bucket, np.int32)
         slots = np.full(bucket, -1, np.int32)
@@ -132,15 +137,15 @@ class Runner:
             jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(min_p),
             jnp.asarray(seeds), jnp.asarray(sample_pos),
         )
-        adjustments = self._adjustments(out) if adjust else None
+        adjustments = self._adjustments(out, S) if adjust else None
         sampled, self.kv_cache = _step(
             self.model.graphdef, self.model.state, self.kv_cache, jnp.asarray(tokens), jnp.asarray(positions),
             md, jnp.asarray(logits_indices), sampling, adjustments,
         )
         return sampled
 
-    def _adjustments(self, out: SchedulerOutput) -> LogitAdjustments:
-        S, V = self.max_num_seqs, self.vocab_size
+    def _adjustments(self, out: SchedulerOutput, S: int) -> LogitAdjustments:
+        V = self.vocab_size
         counts = np.zeros((S, V), np.int32)
         seen = np.zeros((S, V), np.bool_)
         banned = np.zeros((S, V), np.bool_)
