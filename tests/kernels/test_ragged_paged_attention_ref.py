@@ -65,6 +65,13 @@ def test_ragged_batch_matches_dense(heads, kv_heads, dim):
     assert np.all(got[16:] == 0)
 
 
+def test_long_chunks_many_tiles_and_a_decode_after_the_chunks():
+    # A 40-token chunk (the 128 window), a 33-token one, a decode placed after the chunks
+    # (handled by the chunk path), a context of 300 tokens spanning two key tiles.
+    got, want = _case(9, [1, 40, 33, 0, 1], [13, 50, 300, 0, 300], 8, 2, 64, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window, soft_cap", [(5, None), (None, 30.0), (3, 20.0)])
 def test_window_and_soft_cap(window, soft_cap):
     got, want = _case(3, [1, 7, 2], [11, 7, 16], 8, 2, 64, jnp.float32, window, soft_cap)
