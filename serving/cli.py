@@ -39,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from runtime.compile_cache import enable_compilation_cache
     from runtime.config import EngineConfig
     from runtime.engine import Engine
     from runtime.request import SamplingParams
@@ -49,6 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
+    enable_compilation_cache()
     engine = Engine.from_model_dir(
         args.model, args.dtype, EngineConfig(max_num_seqs=args.max_num_seqs), tensor_parallel=args.tensor_parallel
     )

@@ -1,8 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Eight CPU devices for the sharding tests; must be set before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns on jax's persistent compilation cache; keep the tests' cache out of $HOME.
+if "TESSERA_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["TESSERA_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-xla-")
+    atexit.register(shutil.rmtree, os.environ["TESSERA_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
