@@ -94,6 +94,22 @@ def _masked_scores(scores, q_pos, k_pos, kv_len, *, sliding_window, soft_cap):
     return jnp.where(visible, scores, _NEG_INF), visible
 
 
+def _softmax_start(g: _Geometry, rows: int):
+    """(accumulator, running max, running sum) of an online softmax over `rows` queries."""
+    return (
+        jnp.zeros((g.kv_heads, g.group, rows, g.head_dim), jnp.float32),
+        jnp.full((g.kv_heads, g.group, rows), _NEG_INF, jnp.float32),
+        jnp.zeros((g.kv_heads, g.group, rows), jnp.float32),
+    )
+
+
+def _normalized(state, g: _Geometry):
+    """[rows, heads, head_dim] from the final online-softmax state; rows that saw no key get 0."""
+    acc, _, row_sum = state
+    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+    return out.transpose(2, 0, 1, 3).reshape(out.shape[2], g.kv_heads * g.group, g.head_dim)
+
+
 def _online_softmax_update(carry, scores, visible, values_fn):
     acc, row_max, row_sum = carry
     new_max = jnp.maximum(row_max, scores.max(axis=-1))
@@ -123,20 +139,12 @@ def _decode_tokens(qf, k_pages, v_pages, tables, context_lens, query_start_loc, 
         scores, visible = scores_fn(scores, q_pos, k_pos, kv_len)
         return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kgtc,tckd->kgtd", p, v))
 
-    init = (
-        jnp.zeros((g.kv_heads, g.group, n, g.head_dim), jnp.float32),
-        jnp.full((g.kv_heads, g.group, n), _NEG_INF, jnp.float32),
-        jnp.zeros((g.kv_heads, g.group, n), jnp.float32),
-    )
-    acc, _, row_sum = jax.lax.fori_loop(0, num_tiles, visit, init)
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
-    return out.transpose(2, 0, 1, 3).reshape(n, g.kv_heads * g.group, g.head_dim)
+    return _normalized(jax.lax.fori_loop(0, num_tiles, visit, _softmax_start(g, n)), g)
 
 
 def _chunk(window, s, qf, k_pages, v_pages, tables, context_lens, query_start_loc, q_len, g: _Geometry, scores_fn, out):
     """Sequence s's chunk (at most `window` queries) against its context, tile by tile."""
     start, n, kv_len = query_start_loc[s], q_len[s], context_lens[s]
-    heads = g.kv_heads * g.group
     qs = jax.lax.dynamic_slice_in_dim(qf, start, window).reshape(window, g.kv_heads, g.group, g.head_dim)
     q_pos = kv_len - n + jnp.arange(window, dtype=jnp.int32)
     lens = jnp.full((window,), kv_len)
@@ -151,14 +159,7 @@ def _chunk(window, s, qf, k_pages, v_pages, tables, context_lens, query_start_lo
         scores, visible = scores_fn(scores, q_pos, k_pos, lens)
         return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kgwc,ckd->kgwd", p, v))
 
-    init = (
-        jnp.zeros((g.kv_heads, g.group, window, g.head_dim), jnp.float32),
-        jnp.full((g.kv_heads, g.group, window), _NEG_INF, jnp.float32),
-        jnp.zeros((g.kv_heads, g.group, window), jnp.float32),
-    )
-    acc, _, row_sum = jax.lax.fori_loop(0, (kv_len + g.tile - 1) // g.tile, visit, init)
-    result = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
-    result = result.transpose(2, 0, 1, 3).reshape(window, heads, g.head_dim)
+    result = _normalized(jax.lax.fori_loop(0, (kv_len + g.tile - 1) // g.tile, visit, _softmax_start(g, window)), g)
     current = jax.lax.dynamic_slice_in_dim(out, start, window)
     mine = (jnp.arange(window) < n)[:, None, None]
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, result, current), start, axis=0)

@@ -3,13 +3,11 @@
 import json
 import shutil
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from models.chat_template import ChatTemplateError, compile_chat_template, render_chat_template
 from models.tokenizer import Tokenizer
-from tests.helpers.tiny_tokenizer import train_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,15 +19,6 @@ MULTI_TURN = [
     {"role": "user", "content": "And 你好 😀?"},
 ]
 NO_SYSTEM_MULTI_TURN = MULTI_TURN[1:]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    dirs = {}
-    for style in ("llama3", "chatml"):
-        dirs[style] = tmp_path_factory.mktemp(style)
-        train_tiny_tokenizer(dirs[style], style=style)
-    return dirs
 
 
 @pytest.mark.parametrize("style", ["llama3", "chatml"])

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from models.tokenizer import Tokenizer, TokenizerError
-from tests.helpers.tiny_tokenizer import train_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,15 +19,6 @@ TEXTS = [
     "Special <|eot_id|> and <|im_end|> inside text",
     "I'LL count 1234567 numbers",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    dirs = {}
-    for style in ("llama3", "chatml"):
-        dirs[style] = tmp_path_factory.mktemp(style)
-        train_tiny_tokenizer(dirs[style], style=style)
-    return dirs
 
 
 def _copy_with_config(src: Path, dst: Path, config_changes: dict, generation_config: dict | None = None) -> Path:
