@@ -51,6 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     enable_compilation_cache()
+    _warn_if_bfloat16_on_cpu(args.dtype)
     engine = Engine.from_model_dir(
         args.model, args.dtype, EngineConfig(max_num_seqs=args.max_num_seqs), tensor_parallel=args.tensor_parallel
     )
@@ -67,6 +68,17 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _warn_if_bfloat16_on_cpu(dtype: str) -> None:
+    import jax
+
+    if dtype == "bfloat16" and jax.default_backend() == "cpu":
+        print(
+            "tessera: warning: bfloat16 on the CPU backend is emulated by XLA and ~10x slower than "
+            "float32 (see perf/results/engine_cpu.md); use --dtype float32 on CPU",
+            file=sys.stderr,
+        )
 
 
 _PROMPT_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",

@@ -85,3 +85,11 @@ def test_cli_rejects_bad_parameters(checkpoint, capsys, flags, message):
     code = main(["generate", "--model", str(folder), "--prompt", PROMPT, *flags])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_bfloat16_on_cpu_warns(checkpoint, capsys):
+    folder = checkpoint("llama")
+    assert main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-tokens", "2", "--dtype", "bfloat16"]) == 0
+    assert "bfloat16 on the CPU backend is emulated" in capsys.readouterr().err
+    main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-tokens", "2"])
+    assert "emulated" not in capsys.readouterr().err
