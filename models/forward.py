@@ -1,4 +1,4 @@
-"""The model's forward pass as a pure, jit-compiled function of arrays."""
+"""The model's forward pass as a pure function of arrays: logits at chosen rows."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from jaxtyping import Array, Float, Int
 from models.kv_cache import AttentionMetadata, KVCache
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
-def forward(
+def compute_logits(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens: Int[Array, " tokens"],
@@ -21,10 +20,12 @@ def forward(
     md: AttentionMetadata,
     logits_indices: Int[Array, " rows"],
 ) -> tuple[Float[Array, "rows vocab"], KVCache]:
-    """Logits (float32) of the tokens at `logits_indices`, and the updated cache.
-
-    The cache is donated: the caller must use the returned one and never the argument.
-    """
+    """Logits (float32) of the tokens at `logits_indices`, and the updated cache. Traced
+    inside the runner's step; `forward` is the same, jitted on its own."""
     model = nnx.merge(graphdef, state)
     hidden, kv_cache = model(tokens, positions, kv_cache, md)
     return model.logits(hidden[logits_indices]), kv_cache
+
+
+# The cache is donated: the caller must use the returned one and never the argument.
+forward = partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))(compute_logits)

@@ -16,12 +16,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-SHAPES = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-)
+from perf.bench_engine import build_checkpoint  # noqa: E402
 
 # name -> (imports, the load statement that is timed)
 _TESSERA = "from models.loader import load_model"
@@ -32,18 +29,6 @@ LOADERS = {
     "tessera orbax fp32": (_TESSERA, "load_model(d + '-orbax-fp32', 'float32')"),
     "tessera orbax bf16": (_TESSERA, "load_model(d + '-orbax-bf16', 'bfloat16')"),
 }
-
-
-def build(folder: Path) -> None:
-    import torch
-    import transformers
-
-    from tests.helpers.tiny_tokenizer import train_tiny_tokenizer
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES))
-    model.save_pretrained(folder)
-    train_tiny_tokenizer(folder)
 
 
 def measure(imports: str, code: str, folder: Path) -> tuple[float, float, float]:
@@ -76,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(args.dir).absolute()
     if not (folder / "config.json").exists():
-        build(folder)
+        build_checkpoint(folder)  # the engine benchmark's checkpoint shapes
     from models.loader import convert_checkpoint
 
     for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
 from runtime.request import Sequence
@@ -38,9 +39,7 @@ def _step(
     sampling: SamplingInputs,
     adjustments: LogitAdjustments | None,
 ) -> tuple[SampledTokens, KVCache]:
-    model = nnx.merge(graphdef, state)
-    hidden, kv_cache = model(tokens, positions, kv_cache, md)
-    logits = model.logits(hidden[logits_indices])
+    logits, kv_cache = compute_logits(graphdef, state, tokens, positions, kv_cache, md, logits_indices)
     return sample_tokens(logits, sampling, adjustments), kv_cache
 
 

@@ -14,6 +14,7 @@ seats gives one up (by preemption) to a tenant that has none.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -241,7 +242,7 @@ class Scheduler:
             seq.token_ids.append(token)
             grown.append(seq)
             if seq.request.first_token_time is None:
-                seq.request.first_token_time = _now()
+                seq.request.first_token_time = time.monotonic()
             self._check_finished(seq, token)
         return grown
 
@@ -266,9 +267,3 @@ class Scheduler:
         seq.stop_reason = stop_reason
         if seq.request.is_finished:
             self.requests.pop(seq.request.request_id, None)
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
