@@ -1,36 +1,64 @@
-"""Attention for a ragged batch of sequences over a paged KV cache.
+"""Ragged paged attention as a Pallas kernel, lowered through Triton for NVIDIA GPUs.
 
-A batch holds `seqs` sequences; sequence s brings q_len[s] = query_start_loc[s+1] -
-query_start_loc[s] new tokens (1 while decoding, a chunk while prefilling), already written
-into its pages, and attends to its first context_lens[s] cached tokens, causally: the new
-tokens are the last q_len[s] of the context. Query tokens past query_start_loc[-1] are
-padding and get zeros.
+Same arguments and result as `ragged_paged_attention_ref` (the pure-jnp reference in
+`ragged_paged_attention_ref.py`, which the CPU backend runs): sequence s brings
+q_len[s] = query_start_loc[s+1] - query_start_loc[s] new tokens, already written into its
+pages, and attends causally to its first context_lens[s] cached tokens.
 
-This file holds the pure-jnp reference that the CPU backend runs; the Pallas kernel for
-GPUs takes the same arguments. The reference has two paths, because one shape of work
-does not suit both:
-- decode tokens (sequences with one new token), which the scheduler puts first, are
-  handled together, token by token, over tiles of their pages;
-- prompt chunks are handled sequence by sequence: the chunk's queries against tiles of
-  its context, as dense matrix products (a window of 32, 128 or all of the batch's tokens,
-  whichever holds the chunk), so each page is read once per chunk rather than once per
-  query token.
+Shape of the work. A *work item* is one sequence's run of up to `block_q` consecutive query
+tokens; the grid is (kv_heads, work items). A program takes the `block_q * group` query
+rows that share one KV head (the row r is token r // group, head r % group of the group),
+walks the sequence's pages `pages_per_block` at a time through its block table, and keeps an
+online softmax in registers. Every program writes its own slab of the output, so no two
+programs ever write the same bytes and no store needs a mask; a gather in XLA puts the
+rows back in token order. Work items are computed in XLA from query_start_loc: the grid
+has a fixed size per shape bucket (seqs + ceil(tokens / block_q)), and items past the
+batch's real count run no loop iterations.
+
+Decode-only steps (tokens <= seqs) take 16-row programs: one token's group of heads; mixed
+or prefill steps take 64 rows, so a chunk's queries share each page they read.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-_NEG_INF = -1e30
-KV_TILE_TOKENS = 256  # keys per tile: a tile is KV_TILE_TOKENS // page_size pages
-_QUERY_WINDOWS = (32, 128)
+SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_GROUP = 8  # query heads per KV head
+KEYS_PER_BLOCK = 64  # keys per inner step: pages_per_block = KEYS_PER_BLOCK // page_size
+_NEG = -1e30
+_LOG2E = math.log2(math.e)
+# work-item columns
+_SEQ, _QSTART, _QEND, _KVLEN, _POSOFF = range(5)
 
 
-def ragged_paged_attention_ref(
+class UnsupportedAttentionShape(ValueError):
+    """The kernel cannot run this shape; the message names what is out of range."""
+
+
+def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> None:
+    """Raise UnsupportedAttentionShape unless the kernel handles these shapes."""
+    if num_heads % num_kv_heads:
+        raise UnsupportedAttentionShape(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    group = num_heads // num_kv_heads
+    if group > MAX_GROUP:
+        raise UnsupportedAttentionShape(f"{group} query heads per KV head; the Pallas kernel supports at most {MAX_GROUP}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise UnsupportedAttentionShape(f"head_dim={head_dim}; the Pallas kernel supports {SUPPORTED_HEAD_DIMS}")
+    if page_size < 8 or page_size & (page_size - 1):
+        raise UnsupportedAttentionShape(f"page size {page_size}; the Pallas kernel needs a power of two >= 8")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise UnsupportedAttentionShape(f"dtype {jnp.dtype(dtype).name}; the Pallas kernel supports float32 and bfloat16")
+
+
+def ragged_paged_attention(
     q: Float[Array, "tokens heads head_dim"],
     k_pages: Float[Array, "pages page_size kv_heads head_dim"],
     v_pages: Float[Array, "pages page_size kv_heads head_dim"],
@@ -41,125 +69,160 @@ def ragged_paged_attention_ref(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    interpret: bool = False,
+    block_rows: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    poison: float | None = None,
 ) -> Float[Array, "tokens heads head_dim"]:
+    """`poison`, for tests: the programs' output slabs start filled with this value (e.g.
+    NaN), so a row a program should have written and did not shows up in the result."""
     num_tokens, num_heads, head_dim = q.shape
-    page_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    _, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs, max_blocks = block_tables.shape
-    pages_per_tile = max(1, min(max_blocks, KV_TILE_TOKENS // page_size))
-    num_tiles = -(-max_blocks // pages_per_tile)
-    tables = jnp.pad(block_tables, ((0, 0), (0, num_tiles * pages_per_tile - max_blocks)))
-    geometry = _Geometry(num_kv_heads, num_heads // num_kv_heads, head_dim, page_size, pages_per_tile)
-    scores_fn = functools.partial(_masked_scores, sliding_window=sliding_window, soft_cap=soft_cap)
+    check_supported(num_heads, num_kv_heads, head_dim, page_size, k_pages.dtype)
+    group = num_heads // num_kv_heads
+    if block_rows is None:
+        block_rows = 16 if num_tokens <= num_seqs else 64
+    block_q = block_rows // group  # whole tokens per program; the rows past block_q * group idle
+    pages_per_block = max(1, KEYS_PER_BLOCK // page_size)
+    num_work = num_seqs + -(-num_tokens // block_q)
 
-    q_len = query_start_loc[1:] - query_start_loc[:-1]
-    qf = q.astype(jnp.float32) * sm_scale
-    decode_span = min(num_tokens, num_seqs)  # decodes come first, at most one token per sequence
-    out = _decode_tokens(qf[:decode_span], k_pages, v_pages, tables, context_lens, query_start_loc, q_len,
-                         geometry, scores_fn)
-    windows = sorted({min(w, num_tokens) for w in (*_QUERY_WINDOWS, num_tokens)})
-    pad = windows[-1]
-    out = jnp.concatenate([out, jnp.zeros((num_tokens - decode_span + pad, num_heads, head_dim), jnp.float32)])
-    qf = jnp.concatenate([qf, jnp.zeros((pad, num_heads, head_dim), jnp.float32)])
+    work = _work_items(query_start_loc, context_lens, block_q, num_work)
+    # [kv_heads, tokens * group (+ a block of padding so every program's rows are in bounds), D]
+    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    q_rows = q_rows.reshape(num_kv_heads, num_tokens * group, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, block_rows), (0, 0)))
+    table_cols = -(-max_blocks // pages_per_block) * pages_per_block
+    tables = jnp.pad(block_tables, ((0, 0), (0, table_cols - max_blocks)))
 
-    def per_sequence(s, out):
-        start, n = query_start_loc[s], q_len[s]
-        done_by_decode_path = (n == 1) & (start < decode_span)
-        branch = jnp.where((n == 0) | done_by_decode_path, 0, 1 + jnp.searchsorted(jnp.asarray(windows), n))
-        chunk_fns = [lambda out: out] + [
-            functools.partial(_chunk, w, s, qf, k_pages, v_pages, tables, context_lens, query_start_loc, q_len,
-                              geometry, scores_fn)
-            for w in windows
-        ]
-        return jax.lax.switch(branch, chunk_fns, out)
-
-    out = jax.lax.fori_loop(0, num_seqs, per_sequence, out)
-    real = jnp.arange(num_tokens) < query_start_loc[num_seqs]
-    return jnp.where(real[:, None, None], out[:num_tokens], 0.0).astype(q.dtype)
-
-
-class _Geometry:
-    def __init__(self, kv_heads, group, head_dim, page_size, pages_per_tile):
-        self.kv_heads, self.group, self.head_dim = kv_heads, group, head_dim
-        self.page_size, self.pages_per_tile = page_size, pages_per_tile
-        self.tile = page_size * pages_per_tile
-
-
-def _masked_scores(scores, q_pos, k_pos, kv_len, *, sliding_window, soft_cap):
-    """scores [..., queries, keys]; q_pos [queries]; k_pos [keys]; kv_len broadcastable to q_pos."""
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len[:, None])
-    if sliding_window is not None:
-        visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    return jnp.where(visible, scores, _NEG_INF), visible
-
-
-def _softmax_start(g: _Geometry, rows: int):
-    """(accumulator, running max, running sum) of an online softmax over `rows` queries."""
-    return (
-        jnp.zeros((g.kv_heads, g.group, rows, g.head_dim), jnp.float32),
-        jnp.full((g.kv_heads, g.group, rows), _NEG_INF, jnp.float32),
-        jnp.zeros((g.kv_heads, g.group, rows), jnp.float32),
+    kernel = functools.partial(
+        _attention_kernel,
+        group=group,
+        block_rows=block_rows,
+        pages_per_block=pages_per_block,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
     )
+    slab_shape = (num_work, num_kv_heads, block_rows, head_dim)
+    operands = [work, tables, q_rows, k_pages, v_pages]
+    slab_spec = pl.BlockSpec((None, None, block_rows, head_dim), lambda h, i: (i, h, 0, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))  # noqa: E731
+    pages_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda h, i: (0, 0, h, 0))
+    slabs = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, num_work),
+        in_specs=[
+            whole(work.shape),
+            whole(tables.shape),
+            pl.BlockSpec((None, q_rows.shape[1], head_dim), lambda h, i: (h, 0, 0)),
+            pages_spec,
+            pages_spec,
+        ]
+        + ([slab_spec] if poison is not None else []),
+        out_specs=slab_spec,
+        out_shape=jax.ShapeDtypeStruct(slab_shape, q.dtype),
+        input_output_aliases={len(operands): 0} if poison is not None else {},
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"ragged_paged_attention_r{block_rows}_g{group}_d{head_dim}",
+    )(*operands, *([jnp.full(slab_shape, poison, q.dtype)] if poison is not None else []))
+    return _tokens_from_slabs(slabs, work, query_start_loc, num_tokens, group, block_q)
 
 
-def _normalized(state, g: _Geometry):
-    """[rows, heads, head_dim] from the final online-softmax state; rows that saw no key get 0."""
-    acc, _, row_sum = state
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
-    return out.transpose(2, 0, 1, 3).reshape(out.shape[2], g.kv_heads * g.group, g.head_dim)
+def _work_items(query_start_loc, context_lens, block_q: int, num_work: int) -> Int[Array, "work 5"]:
+    """[num_work, 5] int32 rows (seq, first token, end token, kv_len, position offset); the
+    rows past the batch's real work have kv_len 0, so their programs read nothing."""
+    num_seqs = context_lens.shape[0]
+    q_len = query_start_loc[1:] - query_start_loc[:-1]
+    blocks = (q_len + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks)
+    starts = ends - blocks
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(ends, w, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    real = w < ends[-1]
+    first = query_start_loc[seq] + (w - starts[seq]) * block_q
+    end = jnp.minimum(first + block_q, query_start_loc[seq + 1])
+    kv_len = jnp.where(real, context_lens[seq], 0)
+    pos_offset = context_lens[seq] - query_start_loc[seq + 1]  # position of token t = t + pos_offset
+    return jnp.stack([seq, first, end, kv_len, pos_offset], axis=1).astype(jnp.int32)
 
 
-def _online_softmax_update(carry, scores, visible, values_fn):
-    acc, row_max, row_sum = carry
-    new_max = jnp.maximum(row_max, scores.max(axis=-1))
-    probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
-    rescale = jnp.exp(row_max - new_max)
-    acc = acc * rescale[..., None] + values_fn(probs)
-    return acc, new_max, row_sum * rescale + probs.sum(axis=-1)
+def _attention_kernel(
+    work_ref,  # [work, 5] int32
+    tables_ref,  # [seqs, table_cols] int32
+    q_ref,  # [rows, head_dim], this KV head's query rows
+    k_ref,  # [pages, page_size, head_dim], this KV head's keys
+    v_ref,  # [pages, page_size, head_dim]
+    *out_refs,  # ([poisoned slab, aliased to the output,] output [block_rows, head_dim])
+    group: int,
+    block_rows: int,
+    pages_per_block: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    precision,
+):
+    o_ref = out_refs[-1]
+    i = pl.program_id(1)
+    seq = work_ref[i, _SEQ]
+    first, end = work_ref[i, _QSTART], work_ref[i, _QEND]
+    kv_len, pos_offset = work_ref[i, _KVLEN], work_ref[i, _POSOFF]
+    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    block_keys = pages_per_block * page_size
 
-
-def _decode_tokens(qf, k_pages, v_pages, tables, context_lens, query_start_loc, q_len, g: _Geometry, scores_fn):
-    """Token-centric path for the first tokens of the batch; exact for tokens of one-token sequences."""
-    n = qf.shape[0]
-    token = jnp.arange(n, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], token, side="right"), 0, tables.shape[0] - 1)
-    is_decode = (q_len[seq] == 1) & (query_start_loc[seq] == token)
-    kv_len = jnp.where(is_decode, context_lens[seq], 0)
-    q_pos = kv_len - 1
-    qg = qf.reshape(n, g.kv_heads, g.group, g.head_dim)
-    num_tiles = (jnp.max(kv_len, initial=0) + g.tile - 1) // g.tile
+    q = q_ref[pl.ds(first * group, block_rows), :]
+    q_pos = first + pos_offset + jnp.arange(block_rows, dtype=jnp.int32) // group
+    # Keys this block can see: up to its last real query, and from the window's start.
+    key_end = jnp.minimum(kv_len, end + pos_offset)
+    key_start = 0 if sliding_window is None else jnp.maximum(0, first + pos_offset - sliding_window + 1)
 
     def visit(j, carry):
-        ids = jax.lax.dynamic_slice_in_dim(tables[seq], j * g.pages_per_tile, g.pages_per_tile, axis=1)
-        k = k_pages[ids].reshape(n, g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
-        v = v_pages[ids].reshape(n, g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
-        k_pos = j * g.tile + jnp.arange(g.tile, dtype=jnp.int32)
-        scores = jnp.einsum("tkgd,tckd->kgtc", qg, k)  # each token is its own query row
-        scores, visible = scores_fn(scores, q_pos, k_pos, kv_len)
-        return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kgtc,tckd->kgtd", p, v))
+        acc, row_max, row_sum = carry
+        pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_keys, head_dim)
+        v = v_ref[pages].reshape(block_keys, head_dim)
+        scores = pl.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [rows, keys] float32
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        k_pos = j * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
+        if sliding_window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = jnp.where(visible, scores * _LOG2E, _NEG)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+        probs = jnp.where(visible, jnp.exp2(scores - new_max[:, None]), 0.0)
+        rescale = jnp.exp2(row_max - new_max)
+        acc = acc * rescale[:, None] + pl.dot(probs.astype(v.dtype), v, precision=precision)
+        return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
-    return _normalized(jax.lax.fori_loop(0, num_tiles, visit, _softmax_start(g, n)), g)
+    start = (
+        jnp.minimum(key_start, key_end) // block_keys if sliding_window is not None else 0
+    )
+    stop = (key_end + block_keys - 1) // block_keys
+    init = (
+        jnp.zeros((block_rows, head_dim), jnp.float32),
+        jnp.full((block_rows,), _NEG, jnp.float32),
+        jnp.zeros((block_rows,), jnp.float32),
+    )
+    acc, _, row_sum = jax.lax.fori_loop(start, stop, visit, init)
+    o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
 
 
-def _chunk(window, s, qf, k_pages, v_pages, tables, context_lens, query_start_loc, q_len, g: _Geometry, scores_fn, out):
-    """Sequence s's chunk (at most `window` queries) against its context, tile by tile."""
-    start, n, kv_len = query_start_loc[s], q_len[s], context_lens[s]
-    qs = jax.lax.dynamic_slice_in_dim(qf, start, window).reshape(window, g.kv_heads, g.group, g.head_dim)
-    q_pos = kv_len - n + jnp.arange(window, dtype=jnp.int32)
-    lens = jnp.full((window,), kv_len)
-    row = tables[s]
-
-    def visit(j, carry):
-        ids = jax.lax.dynamic_slice_in_dim(row, j * g.pages_per_tile, g.pages_per_tile)
-        k = k_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
-        v = v_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
-        k_pos = j * g.tile + jnp.arange(g.tile, dtype=jnp.int32)
-        scores = jnp.einsum("wkgd,ckd->kgwc", qs, k)
-        scores, visible = scores_fn(scores, q_pos, k_pos, lens)
-        return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kgwc,ckd->kgwd", p, v))
-
-    result = _normalized(jax.lax.fori_loop(0, (kv_len + g.tile - 1) // g.tile, visit, _softmax_start(g, window)), g)
-    current = jax.lax.dynamic_slice_in_dim(out, start, window)
-    mine = (jnp.arange(window) < n)[:, None, None]
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, result, current), start, axis=0)
+def _tokens_from_slabs(slabs, work, query_start_loc, num_tokens: int, group: int, block_q: int):
+    """[work, kv_heads, rows, D] program slabs -> [tokens, heads, D]; padding tokens get 0."""
+    num_work, num_kv_heads, _, head_dim = slabs.shape
+    num_seqs = query_start_loc.shape[0] - 1
+    per_token = slabs[:, :, : block_q * group].reshape(num_work, num_kv_heads, block_q, group, head_dim)
+    q_len = query_start_loc[1:] - query_start_loc[:-1]
+    ends = jnp.cumsum((q_len + block_q - 1) // block_q)
+    starts = ends - (q_len + block_q - 1) // block_q
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], t, side="right"), 0, num_seqs - 1)
+    offset = t - query_start_loc[seq]
+    item = jnp.clip(starts[seq] + offset // block_q, 0, num_work - 1)
+    out = per_token[item, :, offset % block_q]  # [tokens, kv_heads, group, D]
+    real = t < query_start_loc[num_seqs]
+    return jnp.where(real[:, None, None, None], out, 0).reshape(num_tokens, num_kv_heads * group, head_dim)

@@ -13,7 +13,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels.paged_kv_write import write_kv_pages_ref
-from kernels.ragged_paged_attention import ragged_paged_attention_ref
+from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
+from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
 from models.rope import apply_rope, inverse_frequencies
@@ -59,9 +60,10 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "tokens embed"],
         positions: Int[Array, " tokens"],
-        kv: LayerKV,
-        md: AttentionMetadata,
-    ) -> tuple[Float[Array, "tokens embed"], LayerKV]:
+        kv: LayerKV | None,
+        md: AttentionMetadata | None,
+    ) -> tuple[Float[Array, "tokens embed"], LayerKV | None]:
+        """With md=None the tokens are one whole sequence, attended causally without a cache."""
         cfg = self.cfg
         with jax.named_scope("qkv"):
             q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
@@ -74,6 +76,10 @@ class Attention(nnx.Module):
         with jax.named_scope("rope"):
             inv_freq = jnp.asarray(inverse_frequencies(cfg.rope, cfg.head_dim))
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if md is None:  # training and scoring
+            with jax.named_scope("attention"):
+                out = causal_attention(q, k, v, sm_scale=cfg.head_dim**-0.5, sliding_window=self.window)
+            return self._project_out(out), None
         with jax.named_scope("attention"):
             k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
             out = ragged_paged_attention_ref(
@@ -86,10 +92,11 @@ class Attention(nnx.Module):
                 sm_scale=cfg.head_dim**-0.5,
                 sliding_window=self.window,
             )
+        return self._project_out(out), (k_pages, v_pages)
+
+    def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:
         y = jnp.einsum("thd,hde->te", out, self.o_proj[...])
-        if cfg.o_proj_bias:
-            y = y + self.o_bias[...]
-        return y, (k_pages, v_pages)
+        return y + self.o_bias[...] if self.cfg.o_proj_bias else y
 
 
 class MLP(nnx.Module):
@@ -119,7 +126,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
         self.mlp = MLP(cfg, dtype)
 
-    def __call__(self, x, positions, kv: LayerKV, md: AttentionMetadata):
+    def __call__(self, x, positions, kv: LayerKV | None, md: AttentionMetadata | None):
         attn_out, kv = self.self_attn(self.input_layernorm(x), positions, kv, md)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), kv
@@ -138,16 +145,18 @@ class CausalLM(nnx.Module):
         self,
         tokens: Int[Array, " tokens"],
         positions: Int[Array, " tokens"],
-        kv_cache: KVCache,
-        md: AttentionMetadata,
-    ) -> tuple[Float[Array, "tokens embed"], KVCache]:
-        """Final hidden states of every token, and the cache with this step's keys written."""
+        kv_cache: KVCache | None,
+        md: AttentionMetadata | None,
+    ) -> tuple[Float[Array, "tokens embed"], KVCache | None]:
+        """Final hidden states of every token, and the cache with this step's keys written.
+        With kv_cache and md None, the tokens are one whole sequence attended causally with
+        no cache (training and scoring), and no cache is returned."""
         x = self.embed_tokens[...][tokens]
         new_cache = []
-        for layer, kv in zip(self.layers, kv_cache, strict=True):
+        for layer, kv in zip(self.layers, kv_cache or [None] * len(self.layers), strict=True):
             x, kv = layer(x, positions, kv, md)
             new_cache.append(kv)
-        return self.norm(x), new_cache
+        return self.norm(x), None if kv_cache is None else new_cache
 
     def logits(self, hidden: Float[Array, "rows embed"]) -> Float[Array, "rows vocab"]:
         if self.cfg.tie_word_embeddings:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.paged_kv_write import write_kv_pages_ref
-from kernels.ragged_paged_attention import ragged_paged_attention_ref
+from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 
 PAGE = 4
 
