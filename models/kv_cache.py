@@ -22,6 +22,9 @@ class AttentionMetadata:
     block_tables: Int[Array, "seqs max_blocks"]  # page ids of each sequence, in order
     context_lens: Int[Array, " seqs"]  # cached tokens per sequence after this step's writes
     query_start_loc: Int[Array, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
+    # Static: which implementation attends ("reference", "pallas", "pallas_interpret"); see
+    # runtime/backend.py. Part of the pytree's structure, so each choice compiles once.
+    backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
 
 
 def allocate_kv_cache(

@@ -7,17 +7,27 @@ projections are [in, *out], e.g. q_proj [embed, heads, head_dim].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels.paged_kv_write import write_kv_pages_ref
+from kernels.ragged_paged_attention import ragged_paged_attention
 from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
 from models.rope import apply_rope, inverse_frequencies
+
+
+_ATTENTION = {
+    "reference": ragged_paged_attention_ref,
+    "pallas": ragged_paged_attention,
+    "pallas_interpret": functools.partial(ragged_paged_attention, interpret=True),
+}
 
 
 def _param(shape: tuple[int, ...], axes: tuple[str, ...], dtype, fill: float = 0.0) -> nnx.Param:
@@ -82,7 +92,7 @@ class Attention(nnx.Module):
             return self._project_out(out), None
         with jax.named_scope("attention"):
             k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
-            out = ragged_paged_attention_ref(
+            out = _ATTENTION[md.backend](
                 q,
                 k_pages,
                 v_pages,

@@ -27,6 +27,8 @@ class EngineConfig:
     """Padded token counts the step compiles for; None = powers of two up to the budget."""
     model_id: str = ""
     """Part of every prefix-cache key, so two models never share pages."""
+    attention_backend: str | None = None
+    """"pallas", "reference" or "pallas_interpret"; None = $TESSERA_ATTENTION, else by device."""
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

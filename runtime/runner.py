@@ -20,6 +20,7 @@ from flax import nnx
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
+from runtime.backend import resolve_attention_backend
 from runtime.request import Sequence
 from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
 from runtime.scheduler import SchedulerOutput
@@ -52,8 +53,11 @@ class StepResult:
 
 class Runner:
     def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...]):
+                 max_model_len: int, token_buckets: tuple[int, ...], attention_backend: str | None = None):
         self.model = model
+        self.attention_backend = resolve_attention_backend(
+            attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform
+        )
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -131,6 +135,7 @@ class Runner:
             block_tables=jnp.asarray(block_tables),
             context_lens=jnp.asarray(context_lens),
             query_start_loc=jnp.asarray(query_start),
+            backend=self.attention_backend,
         )
         sampling = SamplingInputs(
             jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(min_p),

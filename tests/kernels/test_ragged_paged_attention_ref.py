@@ -8,52 +8,16 @@ import pytest
 from kernels.paged_kv_write import write_kv_pages_ref
 from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 
+from tests.kernels.attention_cases import make_case
+
 PAGE = 4
 
 
-def _dense(q, k, v, q_pos, scale, window, soft_cap):
-    """q [n, H, D] at positions q_pos over k, v [ctx, KVH, D] (positions 0..ctx-1)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    s = np.einsum("nhd,chd->hnc", q, k) * scale
-    if soft_cap:
-        s = soft_cap * np.tanh(s / soft_cap)
-    kpos = np.arange(k.shape[0])
-    ok = kpos[None, :] <= q_pos[:, None]
-    if window:
-        ok &= kpos[None, :] > q_pos[:, None] - window
-    s = np.where(ok[None], s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("hnc,chd->nhd", p, v)
-
-
 def _case(seed, q_lens, ctx_lens, heads, kv_heads, dim, dtype, window=None, soft_cap=None):
-    rng = np.random.default_rng(seed)
-    num_seqs, max_blocks = len(q_lens), max(-(-c // PAGE) for c in ctx_lens) + 1
-    num_pages = num_seqs * max_blocks + 3
-    pages = rng.permutation(num_pages)[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
-    k_pages = rng.standard_normal((num_pages, PAGE, kv_heads, dim)).astype(np.float32)
-    v_pages = rng.standard_normal((num_pages, PAGE, kv_heads, dim)).astype(np.float32)
-    padded_tokens = sum(q_lens) + 3  # trailing padding tokens must come out as zeros
-    q = rng.standard_normal((padded_tokens, heads, dim)).astype(np.float32)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    scale = dim**-0.5
-    got = ragged_paged_attention_ref(
-        jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
-        jnp.asarray(pages, jnp.int32), jnp.asarray(ctx_lens, jnp.int32), jnp.asarray(qsl),
-        sm_scale=scale, sliding_window=window, soft_cap=soft_cap,
-    )
-    want = np.zeros_like(q)
-    as_dtype = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # noqa: E731
-    for s, (n, ctx) in enumerate(zip(q_lens, ctx_lens)):
-        if n == 0:
-            continue
-        flat_k = as_dtype(k_pages)[pages[s]].reshape(-1, kv_heads, dim)[:ctx]
-        flat_v = as_dtype(v_pages)[pages[s]].reshape(-1, kv_heads, dim)[:ctx]
-        q_pos = np.arange(ctx - n, ctx)
-        want[qsl[s] : qsl[s + 1]] = _dense(as_dtype(q)[qsl[s] : qsl[s + 1]], flat_k, flat_v, q_pos, scale, window, soft_cap)
-    return np.asarray(got.astype(jnp.float32)), want
+    case = make_case(seed, q_lens, ctx_lens, heads, kv_heads, dim, dtype, page_size=PAGE, window=window,
+                     soft_cap=soft_cap)
+    got = ragged_paged_attention_ref(*case.arrays, sm_scale=case.sm_scale, sliding_window=window, soft_cap=soft_cap)
+    return np.asarray(got.astype(jnp.float32)), case.want
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 1), (16, 2)])

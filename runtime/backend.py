@@ -1,0 +1,46 @@
+"""Which attention implementation the engine runs, chosen and checked once at start-up.
+
+- `pallas`: the Pallas kernel lowered through Triton, for CUDA GPUs (the default there);
+- `reference`: the pure-jnp reference, which XLA compiles for any device (the default on CPU);
+- `pallas_interpret`: the kernel run by the Pallas interpreter on any device, for tests and
+  debugging (slow).
+`TESSERA_ATTENTION` forces one. A choice that cannot run on this device or model fails here,
+with a message that says why, rather than at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from kernels.ragged_paged_attention import UnsupportedAttentionShape, check_supported
+from models.config import ModelConfig
+
+ATTENTION_BACKENDS = ("pallas", "reference", "pallas_interpret")
+ENV_VAR = "TESSERA_ATTENTION"
+
+
+class BackendError(ValueError):
+    """The requested attention backend cannot serve this model on this device."""
+
+
+def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype, page_size: int,
+                              platform: str | None = None) -> str:
+    choice = requested or os.environ.get(ENV_VAR) or None
+    platform = platform or jax.default_backend()
+    if choice is None:
+        choice = "pallas" if platform == "gpu" else "reference"
+    if choice not in ATTENTION_BACKENDS:
+        raise BackendError(f"attention backend {choice!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if choice == "pallas" and platform != "gpu":
+        raise BackendError(
+            f"attention backend 'pallas' needs a CUDA GPU, but jax's backend here is {platform!r}; "
+            f"use 'reference' (or 'pallas_interpret' to run the kernel slowly in the interpreter)"
+        )
+    if choice.startswith("pallas"):
+        try:
+            check_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, kv_dtype)
+        except UnsupportedAttentionShape as e:
+            raise BackendError(f"attention backend {choice!r} cannot serve this model: {e}") from None
+    return choice

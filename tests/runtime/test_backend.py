@@ -1,0 +1,60 @@
+"""Choosing the attention backend, and the engine on the Pallas kernel (interpreted on CPU)."""
+
+import pytest
+
+from runtime.backend import BackendError, resolve_attention_backend
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.request import SamplingParams
+from models.config import ModelConfig
+from tests.helpers.tiny_checkpoint import build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def head64(tmp_path_factory):
+    # head_dim 64 and GQA 4, which the kernel supports; tiny otherwise.
+    return build_checkpoint(tmp_path_factory.mktemp("h64"), "llama", num_attention_heads=8, num_key_value_heads=2,
+                            head_dim=64, num_hidden_layers=2)
+
+
+def test_defaults_follow_the_device(head64, monkeypatch):
+    monkeypatch.delenv("TESSERA_ATTENTION", raising=False)
+    cfg = ModelConfig.from_dir(head64)
+    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="cpu") == "reference"
+    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "pallas"
+    monkeypatch.setenv("TESSERA_ATTENTION", "reference")
+    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "reference"
+
+
+@pytest.mark.parametrize(
+    "requested, platform, page, message",
+    [
+        ("pallas", "cpu", 16, "'pallas' needs a CUDA GPU, but jax's backend here is 'cpu'"),
+        ("triton", "gpu", 16, "'triton' is unknown; choose one of pallas, reference, pallas_interpret"),
+        ("pallas", "gpu", 4, "cannot serve this model: page size 4"),
+    ],
+)
+def test_unsupported_choices_fail_at_start_up(head64, requested, platform, page, message):
+    with pytest.raises(BackendError, match=message.replace("(", r"\(")):
+        resolve_attention_backend(requested, ModelConfig.from_dir(head64), "bfloat16", page, platform=platform)
+
+
+def test_engine_refuses_pallas_on_cpu_before_serving(head64):
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        Engine.from_model_dir(head64, config=EngineConfig(block_size=8, num_blocks=16, attention_backend="pallas"))
+
+
+def test_engine_on_the_interpreted_kernel_gives_the_reference_tokens(head64):
+    prompts = [[5, 9, 200, 17, 3, 44, 81, 2, 9, 10, 11], [300, 301], [7] * 20]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend in ("reference", "pallas_interpret"):
+        engine = Engine.from_model_dir(head64, config=EngineConfig(
+            block_size=8, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(4, 16),
+            attention_backend=backend))
+        for p in prompts:
+            engine.add_request(p, params)
+        done = engine.run_to_completion()
+        results[backend] = [done[rid][0].token_ids for rid in sorted(done)]
+    assert results["pallas_interpret"] == results["reference"]
+    assert all(len(t) == 6 for t in results["reference"])
