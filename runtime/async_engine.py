@@ -4,6 +4,10 @@ Requests are checked in the caller's task (so a bad one raises there, at once) a
 to the loop thread through a queue; outputs come back to each request's asyncio queue.
 A consumer that stops iterating (a client that went away) aborts its request, and its pages
 are freed before the next step.
+
+With `metrics` (an `ops.metrics.TesseraMetrics`), the loop thread reports the engine's
+stats after each step and after commands change the queues, and each finished request's
+timings (aborted ones too, as "abort"). A failing metrics call is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
+
+if TYPE_CHECKING:
+    from ops.metrics import TesseraMetrics
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +34,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, metrics: TesseraMetrics | None = None):
         self.engine = engine
+        self.metrics = metrics
         self._idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -106,13 +115,16 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._apply_commands()
+                if self._apply_commands():
+                    self._report_step(0)  # the queues changed: gauges must not wait for a step
                 if not self.engine.has_unfinished():
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
                     continue
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
+                    self._report_finished(output)
+                self._report_step(self.engine.counters.last_step_tokens)
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
             log.exception("engine loop failed")
             self.error = e
@@ -121,12 +133,14 @@ class AsyncEngine:
             for request_id in request_ids:
                 self._deliver(request_id, e)
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> int:
+        applied = 0
         while True:
             try:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied += 1
             if kind == "add":
                 request: Request = arg
                 try:
@@ -137,6 +151,21 @@ class AsyncEngine:
                 output = self.engine.abort(arg)
                 if output is not None:
                     self._deliver(arg, output)
+                    self._report_finished(output, "abort")
+
+    def _report_step(self, step_tokens: int) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.on_step(self.engine.stats(), step_tokens)
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("metrics: on_step failed")
+
+    def _report_finished(self, output: RequestOutput, reason: str | None = None) -> None:
+        if self.metrics is not None and output.finished:
+            try:
+                self.metrics.on_request_finished(output.timings, reason or output.timings.finished_reason or "abort")
+            except Exception:  # noqa: BLE001
+                log.exception("metrics: on_request_finished failed")
 
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:

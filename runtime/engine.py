@@ -17,10 +17,10 @@ from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
-from runtime.outputs import CompletionOutput, RequestOutput, SequenceText, TokenLogprob
+from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
 from runtime.runner import Runner
-from runtime.scheduler import Scheduler, SchedulerLimits
+from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()
@@ -31,11 +31,29 @@ class EngineCounters:
     """Running totals for metrics and tests."""
 
     steps: int = 0
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prompt_tokens: int = 0  # prompt tokens of requests whose prefill is done (counted at their first token, as vLLM)
     computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     generation_tokens: int = 0
     finished_requests: int = 0
     step_seconds: float = 0.0
+    last_step_tokens: int = 0  # tokens computed by the latest step (0 when it had nothing to do)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for metrics: gauges of now, and cumulative counts (token counts, as vLLM)."""
+
+    num_requests_running: int  # requests with a sample in the running batch
+    num_requests_waiting: int  # requests with no sample running (queued or preempted)
+    kv_cache_usage_perc: float  # 0..1, blocks held by sequences (cached free blocks count as free)
+    kv_cache_fragmentation_ratio: float  # allocated but unused slots / allocated slots, running sequences
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found there
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    iteration_tokens: int  # tokens computed by the latest step
+    steps: int
 
 
 class Engine:
@@ -55,6 +73,7 @@ class Engine:
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
         self.counters = EngineCounters()
         self._texts: dict[int, SequenceText] = {}
+        self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
 
     @classmethod
     def from_model_dir(
@@ -71,6 +90,34 @@ class Engine:
         per_block = 2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
         enough = config.max_num_seqs * -(-self.max_model_len // config.block_size)
         return max(1, min(config.kv_cache_memory_bytes // per_block, enough))
+
+    def stats(self) -> EngineStats:
+        running = {s.request.request_id for s in self.scheduler.running}
+        waiting = {s.request.request_id for s in self.scheduler.waiting} - running
+        prefix = self.blocks.stats
+        return EngineStats(
+            num_requests_running=len(running),
+            num_requests_waiting=len(waiting),
+            kv_cache_usage_perc=self.blocks.usage,
+            kv_cache_fragmentation_ratio=self.blocks.fragmentation(self.scheduler.running),
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.counters.prompt_tokens,
+            generation_tokens=self.counters.generation_tokens,
+            iteration_tokens=self.counters.last_step_tokens,
+            steps=self.counters.steps,
+        )
+
+    def cache_config_info(self) -> dict[str, str]:
+        """Labels of the `cache_config_info` metric (vLLM's names where it has them)."""
+        return {
+            "block_size": str(self.config.block_size),
+            "num_gpu_blocks": str(self.blocks.num_blocks),
+            "enable_prefix_caching": str(self.config.enable_prefix_caching),
+            "cache_dtype": str(self.model.dtype),
+            "prefix_caching_hash_algo": "sha256",
+        }
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
@@ -129,7 +176,9 @@ class Engine:
 
     def add(self, request: Request) -> None:
         self.scheduler.add_request(request)
-        self.counters.prompt_tokens += request.num_prompt_tokens
+        # Request.arrival_time is monotonic (it orders the queue); timings are wall-clock.
+        waited = max(time.monotonic() - request.arrival_time, 0.0)
+        self._timings[request.request_id] = RequestTimings(time.time() - waited, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
             self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
 
@@ -156,8 +205,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.counters.last_step_tokens = batch.num_tokens
         if batch.is_empty:
             return []
+        self._note_scheduled(batch, time.time())
         result = self.runner.run(batch)
         grown = self.scheduler.postprocess(batch, result.tokens)
         self.counters.steps += 1
@@ -169,13 +220,33 @@ class Engine:
         for seq in grown:
             out = self._sample_output(seq, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
+        now = time.time()
+        for request, _ in by_request.values():
+            self._note_tokens(request, now)
         outputs = [self._request_output(request, outs) for request, outs in by_request.values()]
         self.counters.finished_requests += sum(o.finished for o in outputs)
         return outputs
 
+    def _note_scheduled(self, batch: SchedulerOutput, now: float) -> None:
+        for chunk in batch.chunks:
+            timings = self._timings.get(chunk.seq.request.request_id)
+            if timings is not None and timings.first_scheduled_time is None:
+                timings.first_scheduled_time = now
+
+    def _note_tokens(self, request: Request, now: float) -> None:
+        timings = self._timings.get(request.request_id)
+        if timings is None:
+            return
+        if timings.first_token_time is None:
+            timings.first_token_time = now
+            self.counters.prompt_tokens += request.num_prompt_tokens
+        timings.last_token_time = now
+        timings.token_times.append(now)
+
     def _sample_output(self, seq: Sequence, logprob) -> CompletionOutput:
         token = seq.token_ids[-1]
         text_state = self._texts[seq.seq_id]
+        started = time.perf_counter()
         text, stop = text_state.add(token)
         if stop is not None and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP, stop)
@@ -183,6 +254,9 @@ class Engine:
             if stop is None:
                 text += text_state.finish()
             del self._texts[seq.seq_id]
+        timings = self._timings.get(seq.request.request_id)
+        if timings is not None:
+            timings.detokenize_seconds += time.perf_counter() - started
         logprobs = None
         if logprob is not None:
             chosen, top_ids, top_lps = logprob
@@ -198,14 +272,24 @@ class Engine:
             metrics["first_token_time"] = request.first_token_time
         if request.is_finished:
             metrics["finished_time"] = time.monotonic()
+        timings = self._timings.get(request.request_id) or RequestTimings(num_prompt_tokens=request.num_prompt_tokens)
+        timings.num_cached_tokens = request.sequences[0].num_cached_tokens
+        timings.num_generation_tokens = sum(s.num_output_tokens for s in request.sequences)
+        timings.num_preemptions = sum(s.num_preemptions for s in request.sequences)
+        if request.is_finished:
+            timings.finished_time = time.time()
+            reason = request.sequences[0].finish_reason
+            timings.finished_reason = reason.value if reason else None
+            self._timings.pop(request.request_id, None)
         return RequestOutput(
             request_id=request.request_id,
             outputs=outputs,
             finished=request.is_finished,
             num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.sequences[0].num_cached_tokens,
-            num_generated_tokens=sum(s.num_output_tokens for s in request.sequences),
+            num_cached_tokens=timings.num_cached_tokens,
+            num_generated_tokens=timings.num_generation_tokens,
             metrics=metrics,
+            timings=timings,
         )
 
     # -- convenience ----------------------------------------------------------------------

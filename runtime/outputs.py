@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from models.detokenizer import IncrementalDetokenizer
@@ -27,6 +28,58 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class RequestTimings:
+    """When a request reached each stage, as wall-clock `time.time()` seconds (None until known).
+
+    Filled by the engine; final once the request's output has finished=True. `token_times`
+    holds one entry per step that gave the request new tokens (with n > 1 samples, one entry
+    for all samples of that step), so its gaps are the inter-token latencies a stream sees.
+    """
+
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    num_generation_tokens: int = 0  # all samples
+    num_preemptions: int = 0  # all samples
+    token_times: list[float] = field(default_factory=list)
+    detokenize_seconds: float = 0.0  # spent in incremental detokenization and stop-string search
+    finished_reason: str | None = None  # sample 0's: "stop", "length" or "abort"
+
+    @property
+    def queue_seconds(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_seconds(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+    @property
+    def prefill_seconds(self) -> float | None:
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def decode_seconds(self) -> float | None:
+        if self.first_token_time is None or self.last_token_time is None:
+            return None
+        return self.last_token_time - self.first_token_time
+
+    @property
+    def inter_token_seconds(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     outputs: list[CompletionOutput]
@@ -35,6 +88,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0  # all samples, so far
     metrics: dict[str, float] = field(default_factory=dict)
+    timings: RequestTimings = field(default_factory=RequestTimings)
 
 
 class SequenceText:

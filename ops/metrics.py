@@ -1,0 +1,215 @@
+"""Prometheus metrics: vLLM's names, meanings and buckets under the prefix `tessera:`.
+
+A vLLM dashboard or a Kubernetes inference gateway works by changing `vllm:` to `tessera:`.
+Counters are exposed with prometheus_client's `_total` suffix, as vLLM's are
+(`tessera:prompt_tokens_total`); `tessera:iteration_tokens_total` is a histogram whose name
+ends in `_total`, as vLLM's does. Every series carries `model_name`.
+
+Each `TesseraMetrics` has its own `CollectorRegistry`, so tests (and several engines in one
+process) never collide in the global one. The engine hands over cumulative counts
+(`on_step`); the counters move by the difference since the previous call.
+
+This module reads what it is given by duck typing (the engine's `EngineStats` and
+`RequestTimings`): `ops/` imports nothing from the layers above it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "tessera:"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+INTER_TOKEN_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+FINISHED_REASONS = ("stop", "length", "abort")
+
+# jax `Device.memory_stats()` key -> the `kind` label of tessera:device_memory_bytes.
+DEVICE_MEMORY_KINDS = {
+    "bytes_in_use": "in_use",
+    "peak_bytes_in_use": "peak_in_use",
+    "bytes_limit": "limit",
+    "bytes_reserved": "reserved",
+    "largest_free_block_bytes": "largest_free_block",
+}
+
+# EngineStats field -> counter name; the engine reports these cumulatively.
+_CUMULATIVE = {
+    "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+    "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
+    "num_preemptions": "Cumulative number of preemption from the engine.",
+    "prompt_tokens": "Number of prefill tokens processed.",
+    "generation_tokens": "Number of generation tokens processed.",
+}
+
+
+class EngineStatsLike(Protocol):
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float
+    kv_cache_fragmentation_ratio: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class TesseraMetrics:
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        cache_config: dict[str, str] | None = None,
+        backend: str = "cpu",
+        registry: CollectorRegistry | None = None,
+    ):
+        self.model_name = model_name
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, m = self.registry, [model_name]
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(PREFIX + name, doc, ["model_name"], registry=r).labels(*m)
+
+        def histogram(name: str, doc: str, buckets) -> Any:
+            return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=r).labels(*m)
+
+        self.num_requests_running = gauge("num_requests_running", "Number of requests in model execution batches.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.kv_cache_fragmentation_ratio = gauge(
+            "kv_cache_fragmentation_ratio",
+            "Allocated but unused KV-cache slots over allocated slots, over running sequences (0..1).",
+        )
+        self.counters = {
+            name: Counter(PREFIX + name, doc, ["model_name"], registry=r).labels(*m) for name, doc in _CUMULATIVE.items()
+        }
+        self._seen = dict.fromkeys(_CUMULATIVE, 0)
+        success = Counter(
+            PREFIX + "request_success", "Count of successfully processed requests.", ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.request_success = {reason: success.labels(model_name, reason) for reason in FINISHED_REASONS}
+        self._success_family = success
+
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", INTER_TOKEN_BUCKETS
+        )
+        self.e2e_request_latency = histogram(
+            "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS
+        )
+
+        self._device_memory = Gauge(
+            PREFIX + "device_memory_bytes", "Accelerator memory as the device reports it, by kind.",
+            ["model_name", "kind"], registry=r,
+        )
+        self._backend_mode = Gauge(
+            PREFIX + "backend_mode", "1 for the attention backend in service, 0 for one taken out.",
+            ["model_name", "backend"], registry=r,
+        )
+        self._backends: set[str] = set()
+        self.set_backend(backend)
+        if cache_config:
+            info = Gauge(
+                PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
+                ["model_name", *sorted(cache_config)], registry=r,
+            )
+            info.labels(model_name=model_name, **cache_config).set(1)
+
+    # -- from the engine loop ----------------------------------------------------------------
+
+    def on_step(self, stats: EngineStatsLike, step_tokens: int) -> None:
+        """Gauges from the snapshot, counters by what grew since the last call, and the step's
+        token count into the iteration histogram (a call with step_tokens=0 records no step)."""
+        self.num_requests_running.set(stats.num_requests_running)
+        self.num_requests_waiting.set(stats.num_requests_waiting)
+        self.kv_cache_usage_perc.set(stats.kv_cache_usage_perc)
+        self.kv_cache_fragmentation_ratio.set(stats.kv_cache_fragmentation_ratio)
+        for name, counter in self.counters.items():
+            value = getattr(stats, name)
+            grown = value - self._seen[name]
+            if grown < 0:  # a new engine behind the same metrics: its counts start from zero
+                grown = value
+            if grown:
+                counter.inc(grown)
+            self._seen[name] = value
+        if step_tokens > 0:
+            self.iteration_tokens.observe(step_tokens)
+
+    def on_request_finished(self, timings: Any, finished_reason: str) -> None:
+        """Count the request and observe its latencies (`RequestTimings` from the engine).
+
+        Latencies that never happened (no first token for a request aborted in the queue)
+        are not observed.
+        """
+        child = self.request_success.get(finished_reason)
+        if child is None:
+            child = self.request_success[finished_reason] = self._success_family.labels(self.model_name, finished_reason)
+        child.inc()
+        for histogram, seconds in (
+            (self.e2e_request_latency, timings.e2e_seconds),
+            (self.request_queue_time, timings.queue_seconds),
+            (self.time_to_first_token, timings.ttft_seconds),
+        ):
+            if seconds is not None:
+                histogram.observe(seconds)
+        for gap in timings.inter_token_seconds:
+            self.inter_token_latency.observe(gap)
+
+    # -- device and backend ---------------------------------------------------------------
+
+    def set_device_memory(self, kind: str, value: int) -> None:
+        self._device_memory.labels(self.model_name, kind).set(value)
+
+    def update_device_memory(self, device: Any = None) -> dict[str, int] | None:
+        """Export the device's memory statistics (default: jax's first device).
+
+        The CPU backend reports none (None): then nothing is exported, rather than zeros
+        that would read as an empty accelerator.
+        """
+        if device is None:
+            import jax  # only here: ops/ stays importable without starting jax
+
+            device = jax.devices()[0]
+        stats = device.memory_stats()
+        if not stats:
+            return None
+        for key, kind in DEVICE_MEMORY_KINDS.items():
+            if key in stats:
+                self.set_device_memory(kind, int(stats[key]))
+        return stats
+
+    def set_backend(self, backend: str) -> None:
+        """Mark `backend` as the one in service (1) and every backend seen before as out (0)."""
+        self._backends.add(backend)
+        for name in self._backends:
+            self._backend_mode.labels(self.model_name, name).set(1 if name == backend else 0)
+
+    # -- exposition -----------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The body of GET /metrics and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
