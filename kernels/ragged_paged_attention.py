@@ -16,7 +16,10 @@ has a fixed size per shape bucket (seqs + ceil(tokens / block_q)), and items pas
 batch's real count run no loop iterations.
 
 Decode-only steps (tokens <= seqs) take 16-row programs: one token's group of heads; mixed
-or prefill steps take 64 rows, so a chunk's queries share each page they read.
+or prefill steps take 64 rows, so a chunk's queries share each page they read. A decode
+step with few sequences would leave most multiprocessors idle, so its programs also split
+each context into `kv_splits` ranges (a third grid axis) and write float32 partial sums
+with their softmax max and sum; XLA merges the ranges.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def ragged_paged_attention(
     block_rows: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_splits: int | None = None,
     poison: float | None = None,
 ) -> Float[Array, "tokens heads head_dim"]:
     """`poison`, for tests: the programs' output slabs start filled with this value (e.g.
@@ -96,40 +100,70 @@ def ragged_paged_attention(
     table_cols = -(-max_blocks // pages_per_block) * pages_per_block
     tables = jnp.pad(block_tables, ((0, 0), (0, table_cols - max_blocks)))
 
+    if kv_splits is None:
+        kv_splits = _default_kv_splits(num_tokens, num_seqs, num_kv_heads)
     kernel = functools.partial(
         _attention_kernel,
         group=group,
         block_rows=block_rows,
         pages_per_block=pages_per_block,
+        kv_splits=kv_splits,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
     )
-    slab_shape = (num_work, num_kv_heads, block_rows, head_dim)
+    # Split programs write float32 partial sums and their softmax (max, sum) rows; XLA merges them.
+    split = kv_splits > 1
+    slab_shape = (kv_splits, num_work, num_kv_heads, block_rows, head_dim)
+    slab_dtype = jnp.float32 if split else q.dtype
     operands = [work, tables, q_rows, k_pages, v_pages]
-    slab_spec = pl.BlockSpec((None, None, block_rows, head_dim), lambda h, i: (i, h, 0, 0))
-    whole = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))  # noqa: E731
-    pages_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda h, i: (0, 0, h, 0))
-    slabs = pl.pallas_call(
+    slab_spec = pl.BlockSpec((None, None, None, block_rows, head_dim), lambda h, i, s: (s, i, h, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, None, block_rows), lambda h, i, s: (s, i, h, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
+    pages_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda h, i, s: (0, 0, h, 0))
+    out_shape = [jax.ShapeDtypeStruct(slab_shape, slab_dtype)]
+    if split:
+        out_shape += [jax.ShapeDtypeStruct(slab_shape[:-1], jnp.float32)] * 2
+    outs = pl.pallas_call(
         kernel,
-        grid=(num_kv_heads, num_work),
+        grid=(num_kv_heads, num_work, kv_splits),
         in_specs=[
             whole(work.shape),
             whole(tables.shape),
-            pl.BlockSpec((None, q_rows.shape[1], head_dim), lambda h, i: (h, 0, 0)),
+            pl.BlockSpec((None, q_rows.shape[1], head_dim), lambda h, i, s: (h, 0, 0)),
             pages_spec,
             pages_spec,
         ]
         + ([slab_spec] if poison is not None else []),
-        out_specs=slab_spec,
-        out_shape=jax.ShapeDtypeStruct(slab_shape, q.dtype),
+        out_specs=[slab_spec] + [stat_spec] * (2 if split else 0),
+        out_shape=out_shape,
         input_output_aliases={len(operands): 0} if poison is not None else {},
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name=f"ragged_paged_attention_r{block_rows}_g{group}_d{head_dim}",
-    )(*operands, *([jnp.full(slab_shape, poison, q.dtype)] if poison is not None else []))
-    return _tokens_from_slabs(slabs, work, query_start_loc, num_tokens, group, block_q)
+        name=f"ragged_paged_attention_r{block_rows}_g{group}_d{head_dim}_s{kv_splits}",
+    )(*operands, *([jnp.full(slab_shape, poison, slab_dtype)] if poison is not None else []))
+    slabs = _merge_splits(*outs) if split else outs[0][0]
+    return _tokens_from_slabs(slabs.astype(q.dtype), work, query_start_loc, num_tokens, group, block_q)
+
+
+def _default_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int) -> int:
+    """Decode steps with few sequences have too few (sequence, KV head) programs to fill a
+    GPU's ~100+ multiprocessors; such steps split each context into up to 16 ranges."""
+    if num_tokens > num_seqs:
+        return 1
+    programs = num_seqs * num_kv_heads
+    return max(1, min(16, 256 // programs))
+
+
+def _merge_splits(acc, row_max, row_sum):
+    """Combine per-split online-softmax partials: acc [splits, ..., D], max and sum [splits, ...]
+    (max in log2 units). A split that saw no key has sum 0 and weighs nothing."""
+    top = jnp.max(row_max, axis=0)
+    weight = jnp.exp2(row_max - top)
+    total = jnp.sum(weight * row_sum, axis=0)
+    merged = jnp.sum(weight[..., None] * acc, axis=0)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def _work_items(query_start_loc, context_lens, block_q: int, num_work: int) -> Int[Array, "work 5"]:
@@ -156,17 +190,17 @@ def _attention_kernel(
     q_ref,  # [rows, head_dim], this KV head's query rows
     k_ref,  # [pages, page_size, head_dim], this KV head's keys
     v_ref,  # [pages, page_size, head_dim]
-    *out_refs,  # ([poisoned slab, aliased to the output,] output [block_rows, head_dim])
+    *out_refs,  # [poisoned slab aliased to the output,] output [rows, head_dim] [, row max, row sum]
     group: int,
     block_rows: int,
     pages_per_block: int,
+    kv_splits: int,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
     precision,
 ):
-    o_ref = out_refs[-1]
-    i = pl.program_id(1)
+    i, split = pl.program_id(1), pl.program_id(2)
     seq = work_ref[i, _SEQ]
     first, end = work_ref[i, _QSTART], work_ref[i, _QEND]
     kv_len, pos_offset = work_ref[i, _KVLEN], work_ref[i, _POSOFF]
@@ -198,17 +232,26 @@ def _attention_kernel(
         acc = acc * rescale[:, None] + pl.dot(probs.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
-    start = (
-        jnp.minimum(key_start, key_end) // block_keys if sliding_window is not None else 0
-    )
+    start = jnp.minimum(key_start, key_end) // block_keys if sliding_window is not None else 0
     stop = (key_end + block_keys - 1) // block_keys
+    if kv_splits > 1:  # this program's share of the key blocks
+        share = (stop - start + kv_splits - 1) // kv_splits
+        start = jnp.minimum(stop, start + split * share)
+        stop = jnp.minimum(stop, start + share)
     init = (
         jnp.zeros((block_rows, head_dim), jnp.float32),
         jnp.full((block_rows,), _NEG, jnp.float32),
         jnp.zeros((block_rows,), jnp.float32),
     )
-    acc, _, row_sum = jax.lax.fori_loop(start, stop, visit, init)
-    o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
+    acc, row_max, row_sum = jax.lax.fori_loop(start, stop, visit, init)
+    if kv_splits > 1:
+        acc_ref, max_ref, sum_ref = out_refs[-3:]
+        acc_ref[...] = acc
+        max_ref[...] = row_max
+        sum_ref[...] = row_sum
+    else:
+        o_ref = out_refs[-1]
+        o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
 
 
 def _tokens_from_slabs(slabs, work, query_start_loc, num_tokens: int, group: int, block_q: int):

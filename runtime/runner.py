@@ -76,11 +76,12 @@ class Runner:
         (decode) steps do not pay for max_num_seqs rows of logits and sampling."""
         return min(bucket, self.max_num_seqs)
 
-    def warm_up(self) -> float:
-        """Compile every bucket, with and without logit adjustments, on an all-padding batch."""
+    def warm_up(self, adjust_variants: tuple[bool, ...] = (False, True)) -> float:
+        """Compile every bucket, with and without logit adjustments, on an all-padding batch.
+        (A benchmark that sends no penalties may skip the adjusted variant.)"""
         started = time.perf_counter()
         for bucket in self.token_buckets:
-            for adjust in (False, True):
+            for adjust in adjust_variants:
                 self._execute(SchedulerOutput(), bucket, adjust)
         return time.perf_counter() - started
 

@@ -41,6 +41,13 @@ def test_decode_only_batch_uses_small_programs(dtype):
     assert relative_error(_run(case), case.want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("kv_splits", [1, 3, 16])
+def test_split_contexts_merge_to_the_same_answer(kv_splits):
+    # Decodes over 300-token contexts split into key ranges (some empty with 16 splits).
+    case = make_case(11, [1, 1, 1], [300, 5, 129], 8, 2, 64, jnp.float32, page_size=8, padding_tokens=0)
+    assert relative_error(_run(case, kv_splits=kv_splits), case.want) < 1e-5
+
+
 @pytest.mark.parametrize("window, soft_cap", [(5, None), (None, 30.0), (20, 20.0)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_window_and_soft_cap(window, soft_cap, dtype):
@@ -88,4 +95,5 @@ def test_lowers_to_triton_for_cuda(tokens, seqs, dtype):
     )(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
-    assert f"ragged_paged_attention_r{16 if tokens <= seqs else 64}_g4_d128" in text
+    name = "ragged_paged_attention_r16_g4_d128_s2" if tokens <= seqs else "ragged_paged_attention_r64_g4_d128_s1"
+    assert name in text
