@@ -45,6 +45,7 @@ DEVICE_MEMORY_KINDS = {
     "bytes_limit": "limit",
     "bytes_reserved": "reserved",
     "largest_free_block_bytes": "largest_free_block",
+    "pool_bytes": "pool",
 }
 
 # EngineStats field -> counter name; the engine reports these cumulatively.

@@ -208,8 +208,9 @@ def test_device_memory_only_where_the_device_reports_it():
     metrics = TesseraMetrics(MODEL)
     assert metrics.update_device_memory() is None  # the CPU backend reports nothing
     assert not [n for (n, _) in scrape(metrics) if "device_memory" in n]
+    # Keys as jax 0.11.2 reported them on an H100 (a subset).
     gpu = SimpleNamespace(memory_stats=lambda: {"bytes_in_use": 1000, "peak_bytes_in_use": 4000,
-                                                "bytes_limit": 80 * 2**30, "num_allocs": 7})
+                                                "bytes_limit": 80 * 2**30, "num_allocs": 7, "largest_alloc_size": 512})
     metrics.update_device_memory(gpu)
     memory = {dict(labels)["kind"]: v for (n, labels), v in scrape(metrics).items() if n == "tessera:device_memory_bytes"}
     assert memory == {"in_use": 1000, "peak_in_use": 4000, "limit": 80 * 2**30}
