@@ -35,7 +35,73 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", required=True, help="Hugging Face model folder")
     conv.add_argument("--out", required=True, help="output folder")
     conv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+
+    from serving.config import ServerConfig
+
+    serve = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API",
+        description="Serve the OpenAI-compatible HTTP API. Every setting is a flag and a TESSERA_* environment "
+                    "variable; a flag wins over the variable, which wins over the default. SIGTERM drains: new "
+                    "requests get 503 while in-flight ones finish (up to --drain-timeout-s).",
+    )
+    ServerConfig.add_arguments(serve)
+
+    _add_client(sub, "complete", "stream one completion from a server").add_argument("prompt", help="prompt text")
+    chat = _add_client(sub, "chat", "chat with a server interactively, streaming the answers")
+    chat.add_argument("--system", help="system message that starts the conversation")
+    chat.add_argument("--transcript", help="append every message to this file as JSON lines")
+    _add_client(sub, "models", "list the models a server serves", sampling=False)
+    _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
     return parser
+
+
+def _add_client(sub, name: str, help_text: str, sampling: bool = True) -> argparse.ArgumentParser:
+    from serving.client import DEFAULT_URL
+
+    p = sub.add_parser(name, help=help_text, description=f"{help_text}. TESSERA_API_KEY, if set, is sent as a bearer token.")
+    p.add_argument("--url", default=os.environ.get("TESSERA_URL", DEFAULT_URL),
+                   help=f"server URL [TESSERA_URL; default: {DEFAULT_URL}]")
+    if sampling:
+        p.add_argument("--model", help="model name (default: the server's)")
+        p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+        p.add_argument("--seed", type=int, help="random seed for sampling")
+    return p
+
+
+def _sampling_body(args: argparse.Namespace) -> dict:
+    body = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.model:
+        body["model"] = args.model
+    if args.seed is not None:
+        body["seed"] = args.seed
+    return body
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.config import ServerConfig
+    from serving.server import serve
+
+    return serve(ServerConfig.from_sources(args))
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from serving import client
+
+    try:
+        if args.command == "complete":
+            client.complete(args.url, args.prompt, _sampling_body(args))
+            return 0
+        if args.command == "chat":
+            transcript = Path(args.transcript) if args.transcript else None
+            return client.chat(args.url, _sampling_body(args), system=args.system, transcript=transcript)
+        if args.command == "models":
+            return client.models(args.url)
+        return client.health(args.url)
+    except client.ClientError as e:
+        print(f"tessera {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -128,7 +194,7 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"generate": _generate, "convert": _convert}[args.command]
+    handler = {"generate": _generate, "convert": _convert, "serve": _serve}.get(args.command, _client_command)
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and parameter errors

@@ -1,0 +1,84 @@
+"""`create_app()`: the Litestar app; `TesseraPlugin` wires routes, OpenAPI, errors, limits, lifecycle."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins import InitPluginProtocol
+
+from runtime.async_engine import AsyncEngine
+from serving.config import ServerConfig
+from serving.errors import EXCEPTION_HANDLERS
+from serving.middleware import RequestMiddleware
+from serving.routes.chat import ChatController
+from serving.routes.completions import CompletionsController
+from serving.routes.debug import DebugController
+from serving.routes.health import HealthController, _tessera_version
+from serving.routes.models import ModelsController
+from serving.routes.tokenize import TokenizeController
+from serving.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: AsyncEngine | None = None, config: ServerConfig | None = None) -> Litestar:
+    """The app around `engine`; without one, builds the engine `config` describes (and owns it)."""
+    from serving.server import build_server_state
+
+    config = config or ServerConfig.from_sources()
+    return Litestar(plugins=[TesseraPlugin(build_server_state(config, engine))])
+
+
+class TesseraPlugin(InitPluginProtocol):
+    def __init__(self, server: ServerState):
+        self.server = server
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        self._configure_routes(app_config)
+        self._configure_openapi(app_config)
+        self._configure_errors(app_config)
+        self._configure_limits(app_config)
+        self._configure_lifecycle(app_config)
+        return app_config
+
+    def _configure_routes(self, app_config: AppConfig) -> None:
+        server = self.server
+        app_config.route_handlers += [CompletionsController, ChatController, ModelsController, TokenizeController,
+                                      HealthController, DebugController]
+        app_config.dependencies["server"] = Provide(lambda: server, use_cache=True, sync_to_thread=False)
+        app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
+        app_config.state["server"] = server
+
+    def _configure_openapi(self, app_config: AppConfig) -> None:
+        app_config.openapi_config = OpenAPIConfig(
+            title="Tessera", version=_tessera_version(), path="/schema", use_handler_docstrings=False,
+            description="An OpenAI-compatible LLM inference server on JAX/XLA.",
+        )
+
+    def _configure_errors(self, app_config: AppConfig) -> None:
+        app_config.exception_handlers.update(EXCEPTION_HANDLERS)
+
+    def _configure_limits(self, app_config: AppConfig) -> None:
+        app_config.request_max_body_size = self.server.config.max_body_bytes
+
+    def _configure_lifecycle(self, app_config: AppConfig) -> None:
+        app_config.on_startup.append(self._start)
+        app_config.on_shutdown.append(self._stop)
+
+    async def _start(self) -> None:
+        self.server.engine.start()
+
+    async def _stop(self) -> None:
+        """Stop intake, let in-flight requests finish (up to the drain timeout), stop an owned engine."""
+        server = self.server
+        server.admission.begin_drain()
+        if not await server.admission.wait_drained(server.config.drain_timeout_s):
+            log.warning("drain timeout: %d requests still in flight", server.admission.in_flight)
+        if server.owns_engine:
+            await anyio.to_thread.run_sync(server.engine.shutdown)

@@ -1,0 +1,169 @@
+"""Server settings: one dataclass, every field a `tessera serve` flag and a `TESSERA_*` variable.
+
+A flag wins over the environment, which wins over the default. `tessera serve --help`
+prints every field with its help, its variable and its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from runtime.config import EngineConfig
+
+ENV_PREFIX = "TESSERA_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setting(default, help: str):  # noqa: A002 - the argparse word
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    # -- where --------------------------------------------------------------------------------
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "TCP port to listen on")
+    # -- the model ----------------------------------------------------------------------------
+    model: str | None = _setting(None, "Hugging Face model folder; unset serves the default (demo) model")
+    served_model_name: str | None = _setting(None, "model name the API answers to; default: the folder's name")
+    dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
+    tensor_parallel: int = _setting(1, "devices to shard heads, MLP and KV cache over")
+    # -- the engine ---------------------------------------------------------------------------
+    max_num_seqs: int = _setting(16, "sequences the engine runs in one step")
+    max_model_len: int | None = _setting(None, "prompt plus output tokens per sequence; default: the model's")
+    max_num_batched_tokens: int = _setting(512, "token budget of one engine step (prefill chunks + decodes)")
+    block_size: int = _setting(16, "tokens per KV cache page")
+    kv_cache_memory_gib: float = _setting(2.0, "memory for the KV cache, GiB (ignored when num_blocks is set)")
+    num_blocks: int | None = _setting(None, "KV cache pages; default: as many as kv_cache_memory_gib holds")
+    enable_prefix_caching: bool = _setting(True, "reuse KV pages of prompt prefixes seen before")
+    token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
+    warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
+    compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
+    # -- admission and shutdown ---------------------------------------------------------------
+    max_queue: int = _setting(64, "requests that may wait beyond max_num_seqs running ones; more get 429")
+    drain_timeout_s: float = _setting(30.0, "on SIGTERM, seconds to let in-flight requests finish")
+    max_body_bytes: int = _setting(4 * 2**20, "largest request body accepted, bytes; larger gets 413")
+    # -- logs, traces, debug ------------------------------------------------------------------
+    log_level: str = _setting("info", "log level: debug, info, warning or error")
+    log_json: bool = _setting(True, "write logs as JSON lines")
+    log_file: str | None = _setting(None, "also write logs to this file, rotated by size")
+    log_max_bytes: int = _setting(100 * 2**20, "rotate the log file at this size, bytes")
+    log_backup_count: int = _setting(5, "rotated log files to keep")
+    log_prompts: bool = _setting(False, "show prompt and completion text in logs and /debug/requests (debug only)")
+    log_sample_ratio: float = _setting(1.0, "share of access-log lines kept for tenants not listed below")
+    log_tenant_sample_ratios: str | None = _setting(None, "per-tenant access-log sampling, e.g. 'acme=0.1,beta=1'")
+    otlp_endpoint: str | None = _setting(None, "OpenTelemetry OTLP endpoint for traces; unset: no export")
+    debug_requests: int = _setting(256, "recent requests kept for /debug/requests")
+
+    def __post_init__(self):
+        _require(1 <= self.port <= 65535 or self.port == 0, "port", self.port, "must be in [0, 65535]")
+        _require(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
+        _require(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, "must be >= 1")
+        _require(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", self.kv_cache_memory_gib, "must be > 0")
+        _require(self.max_queue >= 0, "max_queue", self.max_queue, "must be >= 0")
+        _require(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
+        _require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "must be >= 1024")
+        _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
+        _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
+        self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
+        self.engine_config()
+
+    # -- derived settings ---------------------------------------------------------------------
+
+    def engine_config(self) -> EngineConfig:
+        buckets = None
+        if self.token_buckets:
+            try:
+                buckets = tuple(int(b) for b in self.token_buckets.split(","))
+            except ValueError:
+                raise ValueError(f"token_buckets={self.token_buckets!r} must be comma-separated integers") from None
+        return EngineConfig(
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            kv_cache_memory_bytes=int(self.kv_cache_memory_gib * 2**30),
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            token_buckets=buckets,
+        )
+
+    def tenant_sample_ratios(self) -> dict[str, float]:
+        ratios: dict[str, float] = {}
+        for item in filter(None, (self.log_tenant_sample_ratios or "").split(",")):
+            tenant, sep, value = item.partition("=")
+            try:
+                ratio = float(value)
+            except ValueError:
+                ratio = -1.0
+            _require(bool(sep and tenant) and 0 <= ratio <= 1, "log_tenant_sample_ratios", item,
+                     "must be tenant=ratio pairs with ratios in [0, 1]")
+            ratios[tenant.strip()] = ratio
+        return ratios
+
+    # -- flags and environment ----------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field; an unset flag leaves the field to the environment or the default."""
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            kind = _base_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{f.metadata['help']} [{env_name(f.name)}; default: {f.default}]"
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                    help=help_text)
+            else:
+                parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                    metavar=f.name.upper())
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                     **overrides) -> ServerConfig:
+        """Flags, then `TESSERA_*` variables, then defaults; `overrides` win over all three."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):
+            if args is not None and hasattr(args, f.name):
+                values[f.name] = getattr(args, f.name)
+            elif env_name(f.name) in environ:
+                values[f.name] = _parse_env(f.name, environ[env_name(f.name)], hints[f.name])
+        return cls(**(values | overrides))
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _base_type(hint) -> type:
+    """`int | None` -> int."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _parse_env(name: str, raw: str, hint):
+    kind = _base_type(hint)
+    if raw == "" and kind is not str and type(None) in typing.get_args(hint):
+        return None
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{env_name(name)}={raw!r} must be true or false")
+        return lowered in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}={raw!r} must be {kind.__name__}") from None
+
+
+def _require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} {rule}")
+

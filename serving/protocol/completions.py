@@ -1,0 +1,59 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+from serving.protocol.common import MAX_LOGPROBS, SamplingFields, Usage
+
+Prompt = str | list[str | int | list[int]]
+"""Text, token ids, a list of texts or a list of token-id lists."""
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    prompt: Prompt
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    """Default 16, as OpenAI's."""
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Log probabilities of the chosen token and this many alternatives."""
+    echo: bool = False
+    best_of: int | None = None
+    """Only equal to n (or unset) is accepted."""
+    suffix: str | None = None
+    """Not supported."""
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: int | str | None = None
+    """vLLM's: the stop token id or stop string that ended the choice."""
+
+
+class CompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    object: Literal["text_completion"] = "text_completion"
+
+
+class CompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: Literal["text_completion"] = "text_completion"

@@ -1,0 +1,1 @@
+"""The HTTP endpoints, one controller per file."""

@@ -1,0 +1,142 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from litestar import Controller, Request, post
+
+from models.chat_template import ChatTemplateError
+from runtime.outputs import TokenLogprob
+from serving.errors import bad_request
+from serving.generation import Generation, sse_event
+from serving.protocol.chat import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatLogprobToken,
+    ChatLogprobTop,
+    ChatMessage,
+    ChatResponseMessage,
+)
+from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
+from serving.sampling import sampling_params
+from serving.state import ServerState
+
+
+class ChatController(Controller):
+    path = "/v1/chat/completions"
+    tags = ["OpenAI"]
+
+    @post(operation_id="createChatCompletion", status_code=200, responses=ERROR_RESPONSES,
+          summary="Answer a conversation; `stream: true` answers with server-sent events")
+    async def create(self, request: Request, data: ChatCompletionRequest, server: ServerState) -> ChatCompletionResponse:
+        server.check_model(data.model)
+        _refuse_unsupported(data)
+        with tokenize_stage(request):
+            text = render_chat(server, data.messages, data.add_generation_prompt, data.chat_template_kwargs)
+            ids = server.tokenizer.encode(text, add_special_tokens=False)
+        requested = data.max_completion_tokens or data.max_tokens
+        max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
+        top = (data.top_logprobs or 0) if data.logprobs else None
+        params = sampling_params(data, max_tokens=max_tokens, logprobs=top)
+        generation = start_generation(server, request, data, [ids], params, "messages", text)
+        created, response_id = int(time.time()), f"chatcmpl-{generation.request_id}"
+        if data.stream:
+            return sse_response(generation, _events(server, generation, data, response_id, created))
+        choices = await generation.choices(request)
+        return ChatCompletionResponse(
+            id=response_id, created=created, model=server.model_name, usage=generation.usage(),
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content="".join(c.text)),
+                    logprobs=_logprobs(server, c.logprobs, top) if top is not None else None,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                )
+                for c in choices
+            ],
+        )
+
+
+async def _events(server: ServerState, generation: Generation, data: ChatCompletionRequest, response_id: str,
+                  created: int) -> AsyncIterator[bytes]:
+    final_usage, every_chunk = usage_fields(data)
+    top = (data.top_logprobs or 0) if data.logprobs else None
+    model = server.model_name
+
+    def chunk(choices: list[ChatChunkChoice]) -> bytes:
+        return sse_event(ChatCompletionChunk(response_id, created, model, choices,
+                                             generation.usage() if every_chunk else None))
+
+    for index in range(data.n):  # the role first, as OpenAI does
+        yield chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
+    async for _, output in generation.outputs():
+        for o in output.outputs:
+            if not o.text and o.finish_reason is None and not o.logprobs:
+                continue  # text held back (a partial character or a possible stop string)
+            logprobs = _logprobs(server, o.logprobs or [], top) if top is not None else None
+            delta = ChatDelta(content=o.text) if o.text or o.finish_reason is None else ChatDelta()
+            yield chunk([ChatChunkChoice(o.index, delta, logprobs, o.finish_reason, o.stop_reason)])
+    if final_usage:
+        yield sse_event(ChatCompletionChunk(response_id, created, model, [], generation.usage()))
+
+
+def render_chat(server: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
+                template_kwargs: dict | None) -> str:
+    """The prompt text from the model's chat template; ill-formed messages are a 400 naming the message."""
+    plain = [_plain_message(i, m) for i, m in enumerate(messages)]
+    try:
+        return server.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
+                                                    **(template_kwargs or {}))
+    except ChatTemplateError as e:
+        raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
+    except TypeError as e:  # a template kwarg that collides with the template's own arguments
+        raise bad_request(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+
+
+def _plain_message(index: int, message: ChatMessage) -> dict:
+    content = message.content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"only text content parts are supported, got type {part.type!r}",
+                                  f"messages[{index}].content[{j}]")
+            parts.append(part.text)
+        content = "".join(parts)
+    if content is None and not (message.role == "assistant" and message.tool_calls):
+        raise bad_request(f"messages[{index}] ({message.role}) has no content", f"messages[{index}].content")
+    plain = {"role": message.role, "content": content}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, key) is not None:
+            plain[key] = getattr(message, key)
+    return plain
+
+
+def _logprobs(server: ServerState, logprobs: list[TokenLogprob], top: int) -> ChatLogprobs:
+    def entry(token_id: int, logprob: float) -> ChatLogprobTop:
+        text = server.token_text(token_id)
+        return ChatLogprobTop(text, logprob, list(text.encode()))
+
+    content = []
+    for lp in logprobs:
+        chosen = entry(lp.token_id, lp.logprob)
+        content.append(ChatLogprobToken(chosen.token, chosen.logprob, chosen.bytes,
+                                        [entry(t, v) for t, v in lp.top[:top]]))
+    return ChatLogprobs(content)
+
+
+def _refuse_unsupported(data: ChatCompletionRequest) -> None:
+    if data.tools:
+        raise bad_request("tools (function calling) are not supported yet", "tools", "unsupported_parameter")
+    if data.response_format is not None and data.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_parameter")
+    if data.top_logprobs is not None and not data.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")

@@ -1,0 +1,136 @@
+"""POST /v1/completions: OpenAI's legacy completions, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from litestar import Controller, Request, post
+
+from runtime.outputs import TokenLogprob
+from serving.errors import bad_request
+from serving.generation import Generation, sse_event
+from serving.protocol.completions import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
+from serving.sampling import sampling_params
+from serving.state import ServerState
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's
+MAX_PROMPTS = 32
+
+
+class CompletionsController(Controller):
+    path = "/v1/completions"
+    tags = ["OpenAI"]
+
+    @post(operation_id="createCompletion", status_code=200, responses=ERROR_RESPONSES,
+          summary="Complete one or more prompts; `stream: true` answers with server-sent events")
+    async def create(self, request: Request, data: CompletionRequest, server: ServerState) -> CompletionResponse:
+        server.check_model(data.model)
+        _refuse_unsupported(data)
+        with tokenize_stage(request):
+            prompts, texts = _prompts(server, data.prompt)
+        params = sampling_params(data, max_tokens=data.max_tokens or DEFAULT_MAX_TOKENS, logprobs=data.logprobs)
+        generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts))
+        created, response_id = int(time.time()), f"cmpl-{generation.request_id}"
+        echo = texts if data.echo else None
+        if data.stream:
+            return sse_response(generation, _events(server, generation, data, response_id, created, echo))
+        choices = await generation.choices(request)
+        return CompletionResponse(
+            id=response_id, created=created, model=server.model_name, usage=generation.usage(),
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text=(echo[c.index // data.n] if echo else "") + "".join(c.text),
+                    logprobs=_logprobs(server, c.logprobs, 0) if data.logprobs is not None else None,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                )
+                for c in choices
+            ],
+        )
+
+
+async def _events(server: ServerState, generation: Generation, data: CompletionRequest, response_id: str,
+                  created: int, echo: list[str] | None) -> AsyncIterator[bytes]:
+    final_usage, every_chunk = usage_fields(data)
+    offsets: dict[int, int] = {}  # text offset of each choice so far
+    async for prompt_index, output in generation.outputs():
+        for o in output.outputs:
+            index = prompt_index * data.n + o.index
+            text = o.text
+            if index not in offsets:
+                offsets[index] = 0
+                if echo:
+                    text = echo[prompt_index] + text
+            if not text and o.finish_reason is None and not o.logprobs:
+                continue  # text held back (a partial character or a possible stop string)
+            logprobs = _logprobs(server, o.logprobs or [], offsets[index]) if data.logprobs is not None else None
+            offsets[index] += len(text)
+            choice = CompletionChoice(index, text, logprobs, o.finish_reason, o.stop_reason)
+            yield sse_event(CompletionChunk(response_id, created, server.model_name, [choice],
+                                            generation.usage() if every_chunk else None))
+    if final_usage:
+        yield sse_event(CompletionChunk(response_id, created, server.model_name, [], generation.usage()))
+
+
+def _logprobs(server: ServerState, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    tokens, offsets = [], []
+    for lp in logprobs:
+        tokens.append(server.token_text(lp.token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[lp.logprob for lp in logprobs],
+        top_logprobs=[
+            {server.token_text(lp.token_id): lp.logprob} | {server.token_text(t): v for t, v in lp.top}
+            for lp in logprobs
+        ],
+        text_offset=offsets,
+    )
+
+
+def _prompts(server: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt: text, ids, a list of texts or a list of id lists."""
+    tokenizer = server.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)], [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        items: list = [prompt]
+    elif all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        items = prompt
+    else:
+        raise bad_request("prompt must be a string, a list of token ids, a list of strings or a list of "
+                          "token-id lists, not a mix", "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts in one request, got {len(items)}", "prompt")
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+    texts = [p if isinstance(p, str) else _decode(server, p) for p in items]
+    return ids, texts
+
+
+def _decode(server: ServerState, ids: list[int]) -> str:
+    try:
+        return server.tokenizer.decode([t for t in ids if isinstance(t, int) and t >= 0])
+    except Exception:  # noqa: BLE001 - ids outside the vocabulary are refused by the engine's check
+        return ""
+
+
+def _refuse_unsupported(data: CompletionRequest) -> None:
+    if data.suffix:
+        raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
+    if data.best_of is not None and data.best_of != data.n:
+        raise bad_request("best_of must equal n (or be left out): Tessera does not rank samples", "best_of",
+                          "unsupported_parameter")
+    if data.echo and data.logprobs is not None:
+        raise bad_request("echo with logprobs needs prompt logprobs, which Tessera does not compute",
+                          "echo", "unsupported_parameter")

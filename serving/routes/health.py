@@ -1,0 +1,53 @@
+"""GET /health (alive), /ready (serving), /version, /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
+
+from serving.errors import APIError
+from serving.protocol.admin import HealthResponse, ReadyResponse, VersionResponse
+from serving.state import ServerState
+
+
+class HealthController(Controller):
+    path = "/"
+    tags = ["Operations"]
+
+    @get("/health", operation_id="health", summary="The process is alive (liveness)")
+    async def health(self) -> HealthResponse:
+        return HealthResponse("ok")
+
+    @get("/ready", operation_id="ready", summary="The model is loaded, the engine loop runs, intake is open",
+         responses={503: ResponseSpec(ReadyResponse, description="Not ready")})
+    async def ready(self, server: ServerState) -> Response[ReadyResponse]:
+        running, draining = server.engine_running, server.admission.draining
+        reason = None if running else (f"engine loop stopped: {server.engine.error!r}" if server.engine.error
+                                       else "engine loop not started")
+        reason = "draining for shutdown" if draining else reason
+        body = ReadyResponse("ready" if reason is None else "not ready", model_loaded=True, engine_running=running,
+                             draining=draining, requests_in_flight=server.admission.in_flight, reason=reason)
+        return Response(body, status_code=200 if reason is None else 503)
+
+    @get("/version", operation_id="version", summary="Tessera's and jax's versions, the backend, the model")
+    async def version(self, server: ServerState) -> VersionResponse:
+        import jax
+
+        return VersionResponse(_tessera_version(), jax.__version__, jax.default_backend(), server.model_name)
+
+    @get("/metrics", operation_id="metrics", summary="Prometheus metrics (prefix tessera:)",
+         responses={503: ResponseSpec(None, description="Metrics are not available in this build")})
+    async def metrics(self, server: ServerState) -> Response[bytes]:
+        if server.metrics is None:
+            raise APIError(503, "metrics are not available (ops.metrics is missing)", code="metrics_unavailable")
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _tessera_version() -> str:
+    try:
+        return version("tessera-serve")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,99 @@
+"""Running the server: the engine from settings, uvicorn, and draining on SIGTERM.
+
+The first SIGTERM (or SIGINT) stops intake: new requests get 503 and /ready fails, while
+in-flight requests run to their end or to `drain_timeout_s`; then uvicorn shuts down.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from runtime.async_engine import AsyncEngine
+from serving import observability
+from serving.config import ServerConfig
+from serving.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[AsyncEngine, str]:
+    """Load and warm up the model; (the engine, its served name)."""
+    from runtime.compile_cache import enable_compilation_cache
+    from runtime.engine import Engine
+
+    enable_compilation_cache(config.compilation_cache_dir)
+    engine_config = config.engine_config()
+    engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
+    if config.warm_up:
+        engine.warm_up()
+    name = config.served_model_name or Path(model_dir).resolve().name
+    return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
+
+
+def build_server_state(config: ServerConfig, engine: AsyncEngine | None = None) -> ServerState:
+    if engine is not None:
+        name = config.served_model_name or engine.engine.config.model_id or "tessera"
+        return ServerState(engine, config, name, owns_engine=False, metrics=getattr(engine, "metrics", None))
+    from serving.default_model import resolve_model
+
+    model_dir = resolve_model(config.model)
+    engine, name = build_async_engine(config, model_dir)
+    return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose first exit signal drains the app before the usual graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self._drain: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drain is not None or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: go now
+            self.force_exit = True
+            return
+        self.state.admission.begin_drain()
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        admission, timeout = self.state.admission, self.state.config.drain_timeout_s
+        log.info("draining: %d requests in flight, up to %.0fs", admission.in_flight, timeout)
+        if not await admission.wait_drained(timeout):
+            log.warning("drain timeout: %d requests still in flight are cut off", admission.in_flight)
+        self.should_exit = True
+
+
+def make_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> DrainingServer:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on", log_config=None)
+    return DrainingServer(config, state)
+
+
+def serve(config: ServerConfig) -> int:
+    from litestar import Litestar
+
+    from serving.app import TesseraPlugin
+
+    observability.configure(config)
+    state = build_server_state(config)
+    app = Litestar(plugins=[TesseraPlugin(state)])
+    log.info("serving %s on http://%s:%d", state.model_name, config.host, config.port)
+    server = make_server(app, state, config.host, config.port, config.log_level)
+    server.run()  # a drained SIGTERM returns here (exit 0); a second signal re-raises itself
+    return 0

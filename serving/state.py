@@ -1,0 +1,54 @@
+"""What every handler needs: the engine, the settings, admission, recent requests, metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from runtime.async_engine import AsyncEngine
+from serving.admission import Admission
+from serving.config import ServerConfig
+from serving.errors import APIError
+from serving.records import RecentRequests
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    config: ServerConfig
+    model_name: str
+    owns_engine: bool = False
+    """Shut the engine down with the app (it was built for it)."""
+    metrics: Any | None = None
+    started: float = field(default_factory=time.time)
+    admission: Admission = field(init=False)
+    recent: RecentRequests = field(init=False)
+
+    def __post_init__(self):
+        self.recent = RecentRequests(self.config.debug_requests, with_text=self.config.log_prompts)
+        self.admission = Admission(self.engine.engine.config.max_num_seqs, self.config.max_queue,
+                                   self.recent.mean_e2e_s)
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model `{name}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def engine_running(self) -> bool:
+        thread = getattr(self.engine, "_thread", None)
+        return self.engine.error is None and thread is not None and thread.is_alive()
