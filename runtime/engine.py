@@ -68,7 +68,8 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.blocks)
         self.runner = Runner(
-            model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len, config.resolved_token_buckets()
+            model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len, config.resolved_token_buckets(),
+            config.attention_backend,
         )
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
         self.counters = EngineCounters()
