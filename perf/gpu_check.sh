@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one GPU check (issue 5), for an H100 machine with python3 3.12, jax 0.11 + CUDA plugin,
+# torch and transformers, and no network. Under 8 minutes end to end:
+#   1. the attention kernel compiled on the GPU against dense attention, and timed against
+#      jax's own paged_attention and the XLA reference (perf/gpu_kernel_check.py);
+#   2. Tessera and transformers (bf16, sdpa) serving random checkpoints with Llama-3.2-1B's and
+#      Llama-3.1-8B's shapes: TTFT P50/P99 at 2,048 tokens, batch-1 decode and its share of the
+#      HBM roofline, 64 concurrent requests (perf/gpu_serve_bench.py);
+#   3. one table, printed last (perf/gpu_table.py) and saved as OUT_DIR/gpu_check.md.
+# Pure-Python packages the machine lacks travel as wheels in .whl/ (flax; see BUILD_NOTES.md).
+#
+#   perf/gpu_check.sh [OUT_DIR]        (default $OUT, else perf/results/gpu-run)
+#   GPU_CHECK_SMOKE=1 perf/gpu_check.sh /tmp/x    (tiny shapes on CPU: checks the script itself)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-perf/results/gpu-run}}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+# The machine's own flax when it is new enough (0.12, for nnx.List and sharding names), else the carried one.
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import flax, sys; sys.exit(tuple(map(int, flax.__version__.split('.')[:2])) < (0, 12))" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tessera-site .whl/*.whl \
+    && export PYTHONPATH="$PWD:/tmp/tessera-site"
+fi
+# cuBLAS for the model's matrix products: far less autotuning at compile time than Triton GEMMs.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
+
+phase() {  # phase NAME SECONDS CMD...: a step that may fail or time out without stopping the rest
+  local name=$1 limit=$2 start=$SECONDS; shift 2
+  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "== $name: rc=${PIPESTATUS[0]} in $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  KERNEL=(--smoke); SHAPES=(tiny); SERVE=(--dtype float32 --long-prompt 64 --new 8 --concurrent 4 --ttft-runs 3 --kv-gib 0.01)
+else
+  KERNEL=(); SHAPES=(llama-3.2-1b llama-3.1-8b); SERVE=()
+fi
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>/dev/null || true
+  "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
+
+phase kernel 100 "$PY" perf/gpu_kernel_check.py --out "$OUT_DIR/kernel.json" "${KERNEL[@]}"
+if ! grep -q '"kernel_ok": true' "$OUT_DIR/kernel.json" 2>/dev/null; then
+  echo "the kernel check failed: serving on the XLA reference attention instead" | tee -a "$LOG"
+  export TESSERA_ATTENTION=reference
+fi
+limits_tessera=(100 140); limits_hf=(45 65)
+for i in "${!SHAPES[@]}"; do
+  shape=${SHAPES[$i]}
+  phase "tessera $shape" "${limits_tessera[$i]}" "$PY" perf/gpu_serve_bench.py --system tessera --shape "$shape" \
+    --out "$OUT_DIR/tessera_$shape.json" "${SERVE[@]}"
+  phase "transformers $shape" "${limits_hf[$i]}" "$PY" perf/gpu_serve_bench.py --system transformers --shape "$shape" \
+    --out "$OUT_DIR/transformers_$shape.json" "${SERVE[@]}"
+done
+"$PY" perf/gpu_table.py "$OUT_DIR" | tee "$OUT_DIR/gpu_check.md"
