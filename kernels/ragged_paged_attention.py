@@ -218,7 +218,7 @@ def _attention_kernel(
         pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_keys, head_dim)
         v = v_ref[pages].reshape(block_keys, head_dim)
-        scores = pl.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [rows, keys] float32
+        scores = _dot(q, k, ((1,), (1,)), precision) * sm_scale  # q k^T: [rows, keys] float32
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         k_pos = j * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
@@ -229,7 +229,7 @@ def _attention_kernel(
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
         probs = jnp.where(visible, jnp.exp2(scores - new_max[:, None]), 0.0)
         rescale = jnp.exp2(row_max - new_max)
-        acc = acc * rescale[:, None] + pl.dot(probs.astype(v.dtype), v, precision=precision)
+        acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)), precision)
         return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
     start = jnp.minimum(key_start, key_end) // block_keys if sliding_window is not None else 0
@@ -252,6 +252,12 @@ def _attention_kernel(
     else:
         o_ref = out_refs[-1]
         o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def _dot(a, b, contracting, precision):
+    # lax.dot_general rather than pl.dot, which jax 0.11 removed; float32 accumulation.
+    return jax.lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
 
 
 def _tokens_from_slabs(slabs, work, query_start_loc, num_tokens: int, group: int, block_q: int):
