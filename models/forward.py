@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -29,3 +30,18 @@ def compute_logits(
 
 # The cache is donated: the caller must use the returned one and never the argument.
 forward = partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))(compute_logits)
+
+
+def sequence_logits(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens: Int[Array, "batch seq"]
+) -> Float[Array, "batch seq vocab"]:
+    """Logits (float32) at every position of whole sequences, with no KV cache: the causal
+    forward that training and perplexity use, on the same modules as serving."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+
+    def one(seq):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(seq, positions, None, None)
+        return model.logits(hidden)
+
+    return jax.vmap(one)(tokens)

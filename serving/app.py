@@ -32,7 +32,14 @@ def create_app(engine: AsyncEngine | None = None, config: ServerConfig | None = 
     from serving.server import build_server_state
 
     config = config or ServerConfig.from_sources()
-    return Litestar(plugins=[TesseraPlugin(build_server_state(config, engine))])
+    return build_app(build_server_state(config, engine))
+
+
+def build_app(server: ServerState) -> Litestar:
+    # The body limit is a constructor argument: Litestar's router does not read it back from a plugin.
+    # logging_config=None: Litestar would otherwise replace the root logger's handlers with its own.
+    return Litestar(plugins=[TesseraPlugin(server)], request_max_body_size=server.config.max_body_bytes,
+                    logging_config=None)
 
 
 class TesseraPlugin(InitPluginProtocol):
@@ -43,7 +50,6 @@ class TesseraPlugin(InitPluginProtocol):
         self._configure_routes(app_config)
         self._configure_openapi(app_config)
         self._configure_errors(app_config)
-        self._configure_limits(app_config)
         self._configure_lifecycle(app_config)
         return app_config
 
@@ -63,9 +69,6 @@ class TesseraPlugin(InitPluginProtocol):
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)
-
-    def _configure_limits(self, app_config: AppConfig) -> None:
-        app_config.request_max_body_size = self.server.config.max_body_bytes
 
     def _configure_lifecycle(self, app_config: AppConfig) -> None:
         app_config.on_startup.append(self._start)

@@ -11,7 +11,7 @@ import logging
 import re
 
 from litestar import MediaType, Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from serving.protocol.common import ErrorDetail, ErrorResponse
 
@@ -50,6 +50,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 _FIELD_AT_START = re.compile(r"^([a-z_]+)=")
+_MISSING_FIELD = re.compile(r"^Object missing required field `(\w+)`")
 _CONTEXT_MESSAGES = ("prompt has", "max_tokens=", "prompt plus max_tokens")
 
 
@@ -78,18 +79,20 @@ def _validation_error(_: Request, exc: ValidationException) -> Response:
     key, message = first.get("key"), first.get("message")
     if key == "data" and message == "'data'":  # Litestar's words for an empty body
         return bad_request("the request body is empty; expected a JSON object").to_response()
+    missing = _MISSING_FIELD.match(message or "")
+    if key == "data" and missing:
+        return bad_request(f"{missing.group(1)} is required", param=missing.group(1)).to_response()
     if key == "data":  # the body is JSON but not an object
         return bad_request(f"the request body must be a JSON object: {message}").to_response()
     if key:
         return bad_request(f"{message} at `{key}`", param=key).to_response()
-    detail = exc.detail or "invalid request"
-    if "truncated" in detail or "JSON" in detail or "malformed" in detail.lower():
-        return bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json").to_response()
-    return bad_request(detail).to_response()
+    return bad_request(exc.detail or "invalid request").to_response()
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    if isinstance(exc.__cause__, SerializationException):  # Litestar's 400 for a body msgspec cannot decode
+        return bad_request(f"the request body is not valid JSON: {exc.detail}", code="invalid_json").to_response()
     message = {
         404: "no such route",
         413: "the request body is larger than the server's limit",

@@ -80,19 +80,19 @@ class DrainingServer(uvicorn.Server):
 
 
 def make_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> DrainingServer:
+    # The drain has already waited for in-flight requests; what uvicorn still finds after it
+    # (a drain that timed out) gets a second, then is cancelled, which aborts it in the engine.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on", log_config=None)
+                            timeout_graceful_shutdown=1, lifespan="on", log_config=None)
     return DrainingServer(config, state)
 
 
 def serve(config: ServerConfig) -> int:
-    from litestar import Litestar
-
-    from serving.app import TesseraPlugin
+    from serving.app import build_app
 
     observability.configure(config)
     state = build_server_state(config)
-    app = Litestar(plugins=[TesseraPlugin(state)])
+    app = build_app(state)
     log.info("serving %s on http://%s:%d", state.model_name, config.host, config.port)
     server = make_server(app, state, config.host, config.port, config.log_level)
     server.run()  # a drained SIGTERM returns here (exit 0); a second signal re-raises itself

@@ -7,6 +7,7 @@ that need other settings (queue size, drain) build another app around the same e
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -81,7 +82,18 @@ def engine(tiny_model) -> Iterator[AsyncEngine]:
 
 
 @pytest.fixture(scope="session")
-def live(engine) -> Iterator[LiveServer]:
+def log_stream() -> Iterator[io.StringIO]:
+    """Every log line of the serving tests (JSON, prompts redacted), as `tessera serve` writes them."""
+    from ops.logging import configure_logging, reset_logging
+
+    stream = io.StringIO()
+    configure_logging("INFO", json=True, stream=stream)
+    yield stream
+    reset_logging()
+
+
+@pytest.fixture(scope="session")
+def live(engine, log_stream) -> Iterator[LiveServer]:
     running = start_server(create_app(engine, ServerConfig(**SERVER)))
     yield running
     running.stop()
