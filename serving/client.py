@@ -58,8 +58,9 @@ def stream_events(client: httpx.Client, path: str, body: dict) -> Iterator[dict]
         raise ClientError(f"cannot reach {client.base_url}: {e}") from e
 
 
-def complete(url: str, prompt: str, body: dict, out: IO[str] = sys.stdout) -> str:
+def complete(url: str, prompt: str, body: dict, out: IO[str] | None = None) -> str:
     """Stream one completion to `out`; returns its text."""
+    out = out or sys.stdout
     parts = []
     with _client(url) as client:
         for event in stream_events(client, "/v1/completions", {"prompt": prompt, **body}):
@@ -84,9 +85,10 @@ def chat_turn(client: httpx.Client, messages: list[dict], body: dict, out: IO[st
 
 
 def chat(url: str, body: dict, system: str | None = None, transcript: Path | None = None,
-         stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
+         stdin: IO[str] | None = None, out: IO[str] | None = None) -> int:
     """An interactive chat: a line is a user turn; `/reset` starts over; `/exit` or end of input quits.
     With `transcript`, every message is appended to it as a JSON line as soon as it is complete."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     log = transcript.open("a", encoding="utf-8") if transcript else None
 
@@ -123,7 +125,8 @@ def chat(url: str, body: dict, system: str | None = None, transcript: Path | Non
             log.close()
 
 
-def models(url: str, out: IO[str] = sys.stdout) -> int:
+def models(url: str, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
     with _client(url, timeout=30) as client:
         response = _get(client, "/v1/models")
     for card in response.json()["data"]:
@@ -131,8 +134,9 @@ def models(url: str, out: IO[str] = sys.stdout) -> int:
     return 0
 
 
-def health(url: str, out: IO[str] = sys.stdout) -> int:
+def health(url: str, out: IO[str] | None = None) -> int:
     """0 when the server is alive and ready, 1 when alive but not ready."""
+    out = out or sys.stdout
     with _client(url, timeout=30) as client:
         _get(client, "/health")
         ready = client.get("/ready")
