@@ -4,8 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Reinstall whenever pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-DEMO_MODEL := .cache/demo-model
-DEMO_PROMPT ?= The server reads a request and
 
 .PHONY: install test serve clean
 
@@ -21,13 +19,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# Until the HTTP server lands, `make serve` generates from a small random checkpoint
-# built on first run (the trained demo model replaces it).
-serve: install $(DEMO_MODEL)/config.json
-	$(VENV)/bin/tessera generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-tokens 32
-
-$(DEMO_MODEL)/config.json:
-	$(PY) -m tests.helpers.tiny_checkpoint $(DEMO_MODEL)
+# The OpenAI-compatible server on 127.0.0.1:8000 with the default model: models/demo once it
+# exists, else a small random checkpoint that `tessera serve` builds on first run.
+# Talk to it with `.venv/bin/tessera chat`.
+serve: install
+	$(VENV)/bin/tessera serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
