@@ -25,6 +25,9 @@ class AttentionMetadata:
     # Static: which implementation attends ("reference", "pallas", "pallas_interpret"); see
     # runtime/backend.py. Part of the pytree's structure, so each choice compiles once.
     backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    # Static: the tensor-parallel mesh when a Pallas kernel must run per device under
+    # shard_map (XLA cannot split a custom call); None leaves partitioning to XLA.
+    mesh: jax.sharding.Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def allocate_kv_cache(

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from kernels.paged_kv_write import write_kv_pages_ref
@@ -21,6 +22,7 @@ from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
 from models.rope import apply_rope, inverse_frequencies
+from models.sharding import MODEL_AXIS
 
 
 _ATTENTION = {
@@ -28,6 +30,17 @@ _ATTENTION = {
     "pallas": ragged_paged_attention,
     "pallas_interpret": functools.partial(ragged_paged_attention, interpret=True),
 }
+
+
+def _paged_attention(md: AttentionMetadata, q, k_pages, v_pages, sm_scale: float, window: int | None):
+    attend = functools.partial(_ATTENTION[md.backend], sm_scale=sm_scale, sliding_window=window)
+    args = (q, k_pages, v_pages, md.block_tables, md.context_lens, md.query_start_loc)
+    if md.mesh is None:
+        return attend(*args)
+    # Each device attends with its own KV heads and their query heads; the batch metadata is replicated.
+    heads, pages, whole = P(None, MODEL_AXIS, None), P(None, None, MODEL_AXIS, None), P()
+    return jax.shard_map(attend, mesh=md.mesh, in_specs=(heads, pages, pages, whole, whole, whole),
+                         out_specs=heads, check_vma=False)(*args)
 
 
 def _param(shape: tuple[int, ...], axes: tuple[str, ...], dtype, fill: float = 0.0) -> nnx.Param:
@@ -92,16 +105,7 @@ class Attention(nnx.Module):
             return self._project_out(out), None
         with jax.named_scope("attention"):
             k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
-            out = _ATTENTION[md.backend](
-                q,
-                k_pages,
-                v_pages,
-                md.block_tables,
-                md.context_lens,
-                md.query_start_loc,
-                sm_scale=cfg.head_dim**-0.5,
-                sliding_window=self.window,
-            )
+            out = _paged_attention(md, q, k_pages, v_pages, cfg.head_dim**-0.5, self.window)
         return self._project_out(out), (k_pages, v_pages)
 
     def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:

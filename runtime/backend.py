@@ -26,7 +26,7 @@ class BackendError(ValueError):
 
 
 def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype, page_size: int,
-                              platform: str | None = None) -> str:
+                              platform: str | None = None, tensor_parallel: int = 1) -> str:
     choice = requested or os.environ.get(ENV_VAR) or None
     platform = platform or jax.default_backend()
     if choice is None:
@@ -43,4 +43,9 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
             check_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, kv_dtype)
         except UnsupportedAttentionShape as e:
             raise BackendError(f"attention backend {choice!r} cannot serve this model: {e}") from None
+        if cfg.num_kv_heads % tensor_parallel:
+            raise BackendError(
+                f"attention backend {choice!r} with tensor parallel {tensor_parallel} needs the KV heads "
+                f"({cfg.num_kv_heads}) split evenly over the devices; choose a tensor-parallel size that divides them"
+            )
     return choice

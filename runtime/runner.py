@@ -56,8 +56,11 @@ class Runner:
                  max_model_len: int, token_buckets: tuple[int, ...], attention_backend: str | None = None):
         self.model = model
         self.attention_backend = resolve_attention_backend(
-            attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform
+            attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform,
+            tensor_parallel=model.mesh.size,
         )
+        kernel_per_device = self.attention_backend.startswith("pallas") and model.mesh.size > 1
+        self.attention_mesh = model.mesh if kernel_per_device else None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -137,6 +140,7 @@ class Runner:
             context_lens=jnp.asarray(context_lens),
             query_start_loc=jnp.asarray(query_start),
             backend=self.attention_backend,
+            mesh=self.attention_mesh,
         )
         sampling = SamplingInputs(
             jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(min_p),
