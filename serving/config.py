@@ -29,7 +29,8 @@ class ServerConfig:
     port: int = _setting(8000, "TCP port to listen on")
     # -- the model ----------------------------------------------------------------------------
     model: str | None = _setting(None, "Hugging Face model folder; unset serves the default (demo) model")
-    served_model_name: str | None = _setting(None, "model name the API answers to; default: the folder's name")
+    served_model_name: str | None = _setting(
+        None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
     tensor_parallel: int = _setting(1, "devices to shard heads, MLP and KV cache over")
     # -- the engine ---------------------------------------------------------------------------

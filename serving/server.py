@@ -32,7 +32,8 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Asy
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
     if config.warm_up:
         engine.warm_up()
-    name = config.served_model_name or Path(model_dir).resolve().name
+    # The default model answers to "demo", whichever folder currently provides it.
+    name = config.served_model_name or ("demo" if config.model is None else Path(model_dir).resolve().name)
     return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
 
 
