@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
+
+# Built on the host as numpy and handed straight to the jitted step, or traced inside it.
+HostOrDevice = Union[Array, np.ndarray]
 
 # One (keys, values) pair of pages per layer, each [pages, page_size, kv_heads, head_dim].
 LayerKV = tuple[Float[Array, "pages page_size kv_heads head_dim"], Float[Array, "pages page_size kv_heads head_dim"]]
@@ -18,10 +23,10 @@ KVCache = list[LayerKV]
 class AttentionMetadata:
     """Where a ragged batch's tokens go and what they see. Built by the runner on the host."""
 
-    slot_mapping: Int[Array, " tokens"]  # cache slot (page * page_size + offset) per token; -1 = padding
-    block_tables: Int[Array, "seqs max_blocks"]  # page ids of each sequence, in order
-    context_lens: Int[Array, " seqs"]  # cached tokens per sequence after this step's writes
-    query_start_loc: Int[Array, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
+    slot_mapping: Int[HostOrDevice, " tokens"]  # cache slot (page * page_size + offset) per token; -1 = padding
+    block_tables: Int[HostOrDevice, "seqs max_blocks"]  # page ids of each sequence, in order
+    context_lens: Int[HostOrDevice, " seqs"]  # cached tokens per sequence after this step's writes
+    query_start_loc: Int[HostOrDevice, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
     # Static: which implementation attends ("reference", "pallas", "pallas_interpret"); see
     # runtime/backend.py. Part of the pytree's structure, so each choice compiles once.
     backend: str = dataclasses.field(default="reference", metadata=dict(static=True))

@@ -28,10 +28,10 @@ from runtime.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
 def _step(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state_def,  # treedef of the model state
+    state_leaves: list[jax.Array],
     kv_cache: KVCache,
     tokens: jax.Array,
     positions: jax.Array,
@@ -40,6 +40,7 @@ def _step(
     sampling: SamplingInputs,
     adjustments: LogitAdjustments | None,
 ) -> tuple[SampledTokens, KVCache]:
+    state = jax.tree.unflatten(state_def, state_leaves)
     logits, kv_cache = compute_logits(graphdef, state, tokens, positions, kv_cache, md, logits_indices)
     return sample_tokens(logits, sampling, adjustments), kv_cache
 
@@ -67,6 +68,11 @@ class Runner:
         self.token_buckets = token_buckets
         self.vocab_size = model.cfg.vocab_size
         self.kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+        # The graph definition and the state's structure are bound once: a step call then
+        # passes a flat list of arrays, and jit neither hashes the module graph nor walks the
+        # NNX state each step (milliseconds of host time per step otherwise).
+        self._state_leaves, state_def = jax.tree.flatten(model.state)
+        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def), donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.token_buckets:
@@ -134,22 +140,19 @@ class Runner:
             temperature[row], top_p[row], top_k[row], min_p[row] = p.temperature, p.top_p, p.top_k, p.min_p
             seeds[row], sample_pos[row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
+        # numpy arrays go straight into the jitted call, which copies them to the device.
         md = AttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            block_tables=jnp.asarray(block_tables),
-            context_lens=jnp.asarray(context_lens),
-            query_start_loc=jnp.asarray(query_start),
+            slot_mapping=slots,
+            block_tables=block_tables,
+            context_lens=context_lens,
+            query_start_loc=query_start,
             backend=self.attention_backend,
             mesh=self.attention_mesh,
         )
-        sampling = SamplingInputs(
-            jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(min_p),
-            jnp.asarray(seeds), jnp.asarray(sample_pos),
-        )
+        sampling = SamplingInputs(temperature, top_p, top_k, min_p, seeds, sample_pos)
         adjustments = self._adjustments(out, S) if adjust else None
-        sampled, self.kv_cache = _step(
-            self.model.graphdef, self.model.state, self.kv_cache, jnp.asarray(tokens), jnp.asarray(positions),
-            md, jnp.asarray(logits_indices), sampling, adjustments,
+        sampled, self.kv_cache = self._jitted_step(
+            self._state_leaves, self.kv_cache, tokens, positions, md, logits_indices, sampling, adjustments,
         )
         return sampled
 

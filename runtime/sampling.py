@@ -14,18 +14,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
+from models.kv_cache import HostOrDevice
+
 NUM_TOP_LOGPROBS = 20  # always computed; requests take the first N they asked for
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingInputs:
-    temperature: Float[Array, " rows"]  # 0 = greedy
-    top_p: Float[Array, " rows"]  # 1 = off
-    top_k: Int[Array, " rows"]  # 0 = off
-    min_p: Float[Array, " rows"]  # 0 = off
-    seeds: UInt32[Array, " rows"]
-    positions: Int[Array, " rows"]  # position of the token being drawn
+    temperature: Float[HostOrDevice, " rows"]  # 0 = greedy
+    top_p: Float[HostOrDevice, " rows"]  # 1 = off
+    top_k: Int[HostOrDevice, " rows"]  # 0 = off
+    min_p: Float[HostOrDevice, " rows"]  # 0 = off
+    seeds: UInt32[HostOrDevice, " rows"]
+    positions: Int[HostOrDevice, " rows"]  # position of the token being drawn
 
 
 @jax.tree_util.register_dataclass
