@@ -7,6 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 
+from serving.auth.guard import needs
+from serving.auth.principal import PUBLIC, READ
 from serving.errors import APIError
 from serving.protocol.admin import HealthResponse, ReadyResponse, VersionResponse
 from serving.state import ServerState
@@ -16,11 +18,11 @@ class HealthController(Controller):
     path = "/"
     tags = ["Operations"]
 
-    @get("/health", operation_id="health", summary="The process is alive (liveness)")
+    @get("/health", operation_id="health", opt=needs(PUBLIC), summary="The process is alive (liveness)")
     async def health(self) -> HealthResponse:
         return HealthResponse("ok")
 
-    @get("/ready", operation_id="ready", summary="The model is loaded, the engine loop runs, intake is open",
+    @get("/ready", operation_id="ready", opt=needs(PUBLIC), summary="The model is loaded, the engine loop runs, intake is open",
          responses={503: ResponseSpec(ReadyResponse, description="Not ready")})
     async def ready(self, server: ServerState) -> Response[ReadyResponse]:
         running, draining = server.engine_running, server.admission.draining
@@ -31,17 +33,19 @@ class HealthController(Controller):
                              draining=draining, requests_in_flight=server.admission.in_flight, reason=reason)
         return Response(body, status_code=200 if reason is None else 503)
 
-    @get("/version", operation_id="version", summary="Tessera's and jax's versions, the backend, the model")
+    @get("/version", operation_id="version", opt=needs(READ), summary="Tessera's and jax's versions, the backend, the model")
     async def version(self, server: ServerState) -> VersionResponse:
         import jax
 
         return VersionResponse(_tessera_version(), jax.__version__, jax.default_backend(), server.model_name)
 
-    @get("/metrics", operation_id="metrics", summary="Prometheus metrics (prefix tessera:)",
+    @get("/metrics", operation_id="metrics", opt=needs(READ), summary="Prometheus metrics (prefix tessera:)",
          responses={503: ResponseSpec(None, description="Metrics are not available in this build")})
     async def metrics(self, server: ServerState) -> Response[bytes]:
         if server.metrics is None:
             raise APIError(503, "metrics are not available (ops.metrics is missing)", code="metrics_unavailable")
+        if hasattr(server.metrics, "update_device_memory"):
+            server.metrics.update_device_memory()  # the device's memory statistics, where it reports them
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 

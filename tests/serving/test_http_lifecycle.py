@@ -38,7 +38,6 @@ def test_a_client_that_disconnects_aborts_within_a_step(base_url, engine, live, 
     core = engine.engine
     aborted = f'tessera:request_success_total{{finished_reason="abort",model_name="{MODEL_NAME}"}}'
     aborts_before = _metric(base_url, aborted)
-    free_before = core.blocks.num_free_blocks if hasattr(core.blocks, "num_free_blocks") else None
     with slow_engine(engine, 0.02):
         if stream:
             with httpx.stream("POST", base_url + "/v1/completions", json={**LONG, "stream": True}) as response:
@@ -56,8 +55,7 @@ def test_a_client_that_disconnects_aborts_within_a_step(base_url, engine, live, 
         steps_after = core.counters.steps - steps_at_close
     assert steps_after <= 2  # the abort reached the loop within a step (plus the disconnect's detection)
     assert core.scheduler.num_unfinished == 0 and core.blocks.usage == 0.0
-    if free_before is not None:
-        assert core.blocks.num_free_blocks == free_before
+    assert core.blocks.num_free_blocks == core.blocks.num_blocks  # every page back (cached ones count as free)
     assert wait_until(lambda: live.state.admission.in_flight == 0, 2)
     last = httpx.get(base_url + "/debug/requests", params={"limit": 1}).json()["requests"][-1]
     assert last["status"] == 499 and last["completion_tokens"] < 100
@@ -100,8 +98,11 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
 
 def _read_events(url: str, body: dict, events: list[str]) -> None:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
-        events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+    except httpx.RemoteProtocolError:
+        events.append("<cut off>")
 
 
 def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(engine):
@@ -139,7 +140,7 @@ def test_drain_timeout_cuts_off_what_is_left(engine):
         reader.join(15)
     assert not running.thread.is_alive()
     assert stopped_after < 3  # 0.3 s of drain, then uvicorn's own shutdown (1 s)
-    assert "[DONE]" not in events  # the 100-token stream was cut
+    assert events[-1] == "<cut off>" and "[DONE]" not in events  # the 100-token stream was cut
     assert wait_until(lambda: _idle(engine), 5)  # and its request aborted
 
 
