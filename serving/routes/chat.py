@@ -9,7 +9,9 @@ from litestar import Controller, Request, post
 
 from models.chat_template import ChatTemplateError
 from runtime.outputs import TokenLogprob
-from serving.errors import bad_request
+from serving.errors import APIError, bad_request
+from serving.auth.guard import needs
+from serving.auth.principal import GENERATE
 from serving.generation import Generation, sse_event
 from serving.protocol.chat import (
     ChatChoice,
@@ -32,6 +34,7 @@ from serving.state import ServerState
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["OpenAI"]
+    opt = needs(GENERATE)
 
     @post(operation_id="createChatCompletion", status_code=200, responses=ERROR_RESPONSES,
           summary="Answer a conversation; `stream: true` answers with server-sent events")
@@ -45,7 +48,12 @@ class ChatController(Controller):
         max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
         top = (data.top_logprobs or 0) if data.logprobs else None
         params = sampling_params(data, max_tokens=max_tokens, logprobs=top)
-        generation = start_generation(server, request, data, [ids], params, "messages", text)
+        try:
+            generation = start_generation(server, request, data, [ids], params, "messages", text)
+        except APIError as e:
+            if e.param == "max_tokens" and data.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"  # name the field the client sent
+            raise
         created, response_id = int(time.time()), f"chatcmpl-{generation.request_id}"
         if data.stream:
             return sse_response(generation, _events(server, generation, data, response_id, created))

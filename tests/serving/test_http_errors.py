@@ -37,7 +37,7 @@ CASES = [
                  "context_length_exceeded", id="messages-over-context"),
     pytest.param(COMPLETIONS, {"prompt": "Hi", "max_tokens": 500}, 400, "max_tokens", "context_length_exceeded",
                  id="max-tokens-over-context"),
-    pytest.param(CHAT, {"messages": USER, "max_completion_tokens": 127}, 400, "max_tokens",
+    pytest.param(CHAT, {"messages": USER, "max_completion_tokens": 127}, 400, "max_completion_tokens",
                  "context_length_exceeded", id="max-completion-tokens-over-context"),
     pytest.param(COMPLETIONS, {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", None, id="max-tokens-zero"),
     pytest.param(COMPLETIONS, {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", None, id="logprobs-too-many"),
