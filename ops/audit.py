@@ -48,10 +48,14 @@ REDACTED = "[redacted]"
 class _FileSink:
     """A size-rotated file whose files are created mode 0600."""
 
-    def __init__(self, path: str, max_bytes: int, backup_count: int):
+    def __init__(self, path: str, max_bytes: int, backup_count: int, kms: Any = None):
         self.handler = _PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count,
                                                    encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(message)s"))
+        if kms is not None:  # rotated files are sealed under KMS data keys: F.1.enc, F.2.enc, ...
+            from ops.kms import attach_file_encryption
+
+            attach_file_encryption(self.handler, kms)
 
     def write(self, line: str) -> None:
         self.handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
@@ -172,12 +176,13 @@ _lock = threading.Lock()
 
 def configure_audit(*, file: str | None = None, max_bytes: int = 100 * 2**20, backup_count: int = 10,
                     stdout: bool = False, stream: IO[str] | None = None, http_url: str | None = None,
-                    http_headers: Mapping[str, str] | None = None) -> None:
+                    http_headers: Mapping[str, str] | None = None, encrypt_rotated_with: Any = None) -> None:
     """Replace the audit sinks. `stream` writes to that stream (stdout when `stdout`); with none
-    of file, stdout, stream and http_url, lines go to the process log."""
+    of file, stdout, stream and http_url, lines go to the process log. `encrypt_rotated_with`, an
+    `ops.kms` provider, encrypts the file sink's rotated files at rest (`ops.kms.decrypt_file` opens them)."""
     sinks: list[Any] = []
     if file:
-        sinks.append(_FileSink(file, max_bytes, backup_count))
+        sinks.append(_FileSink(file, max_bytes, backup_count, encrypt_rotated_with))
     if stdout or stream is not None:
         sinks.append(_StreamSink(stream))
     if http_url:

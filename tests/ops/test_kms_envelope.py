@@ -247,3 +247,26 @@ def test_rotated_audit_logs_are_encrypted_at_rest(moto_endpoint, aws_keys, tmp_p
 def test_secret_equality_is_by_value():
     assert Secret(b"a") == Secret(b"a") and Secret(b"a") != Secret(b"b")
     assert str(Secret(b"hunter2")) == "Secret('********')"
+
+
+def test_audit_log_rotated_files_are_kms_encrypted(moto_endpoint, aws_keys, tmp_path):
+    from ops.audit import audit_event, configure_audit, reset_audit
+
+    kms = _aws(moto_endpoint, aws_keys[0])
+    path = tmp_path / "audit.jsonl"
+    configure_audit(file=str(path), max_bytes=400, backup_count=3, encrypt_rotated_with=kms)
+    try:
+        for i in range(10):
+            audit_event("model.verify", "success", object=f"model:m{i}", files=i)
+    finally:
+        reset_audit()
+    rotated = sorted(p.name for p in tmp_path.iterdir() if p.name != "audit.jsonl")
+    assert rotated == ["audit.jsonl.1.enc", "audit.jsonl.2.enc", "audit.jsonl.3.enc"]
+    assert all((tmp_path / name).stat().st_mode & 0o777 == 0o600 for name in rotated)
+    assert b"model.verify" not in (tmp_path / "audit.jsonl.1.enc").read_bytes()
+    lines = [json.loads(line) for name in reversed(rotated)
+             for line in decrypt_file(kms, tmp_path / name).decode().splitlines()]
+    lines += [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["files"] for line in lines][-1] == 9 and len(lines) >= 6
+    assert [line["files"] for line in lines] == sorted(line["files"] for line in lines)
+    assert {line["action"] for line in lines} == {"model.verify"}
