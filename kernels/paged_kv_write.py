@@ -15,10 +15,11 @@ def write_kv_pages_ref(
 ) -> tuple[Float[Array, "pages page_size kv_heads head_dim"], Float[Array, "pages page_size kv_heads head_dim"]]:
     """Scatter token t into slot slot_mapping[t] (= page * page_size + offset); a negative
     slot marks a padding token and writes nothing. With the pages donated, XLA updates
-    them in place."""
+    them in place. (Indexed as (page, offset) rather than through a flattened view: XLA
+    CPU copied the whole cache before a one-token write through the reshape.)"""
     pages, page_size = k_pages.shape[:2]
-    num_slots = pages * page_size
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range: dropped
-    flat_k = k_pages.reshape(num_slots, *k_pages.shape[2:]).at[slots].set(k_new.astype(k_pages.dtype), mode="drop")
-    flat_v = v_pages.reshape(num_slots, *v_pages.shape[2:]).at[slots].set(v_new.astype(v_pages.dtype), mode="drop")
-    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+    slots = jnp.where(slot_mapping < 0, pages * page_size, slot_mapping)  # out of range: dropped
+    page, offset = slots // page_size, slots % page_size
+    k_pages = k_pages.at[page, offset].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, offset].set(v_new.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages

@@ -109,7 +109,10 @@ class Attention(nnx.Module):
         return self._project_out(out), (k_pages, v_pages)
 
     def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:
-        y = jnp.einsum("thd,hde->te", out, self.o_proj[...])
+        # As one [tokens, heads*head_dim] x [heads*head_dim, embed] product: the weight's
+        # reshape is free, where the einsum made XLA CPU transpose the weight every step.
+        h, d, e = self.o_proj.shape
+        y = out.reshape(out.shape[0], h * d) @ self.o_proj[...].reshape(h * d, e)
         return y + self.o_bias[...] if self.cfg.o_proj_bias else y
 
 
