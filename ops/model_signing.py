@@ -278,3 +278,41 @@ def _file_digests(manifest) -> dict[str, str]:
         per_file.setdefault(name, []).append(f"{rd.identifier}={rd.digest.digest_hex}")
     return {name: hashlib.sha256("\n".join(parts).encode()).hexdigest() if sharded else parts[0].split("=", 1)[1]
             for name, parts in per_file.items()}
+
+
+# -- command line: python -m ops.model_signing {keygen,sign,verify} ----------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`keygen --private P --public Q`, `sign --model DIR --key P [--signature F]`,
+    `verify --model DIR --key Q [--signature F]`; exit 1 with the reason when refused."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ops.model_signing", description="Sign and verify model folders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keygen = sub.add_parser("keygen", help="write a new ECDSA P-256 key pair (PEM)")
+    keygen.add_argument("--private", required=True, help="private key file to write (mode 0600)")
+    keygen.add_argument("--public", required=True, help="public key file to write")
+    for name, key_help in (("sign", "private key (PEM, ECDSA P-256)"), ("verify", "public key (PEM)")):
+        p = sub.add_parser(name, help=f"{name} every file of a model folder")
+        p.add_argument("--model", required=True, help="model folder")
+        p.add_argument("--key", required=True, help=key_help)
+        p.add_argument("--signature", help=f"signature file; default: MODEL/{SIGNATURE_FILE}")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "keygen":
+            print(f"public key fingerprint {generate_key_pair(args.private, args.public)}")
+        elif args.command == "sign":
+            print(f"signed {args.model}: {sign_model(args.model, args.key, args.signature)}")
+        else:
+            verified = verify_model(args.model, args.key, args.signature)
+            print(f"verified {args.model}: {len(verified.files)} files signed by {verified.key_fingerprint}")
+    except ModelSignatureError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

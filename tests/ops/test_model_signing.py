@@ -196,3 +196,16 @@ def test_missing_signature_with_a_key_is_served_only_when_allowed(model, keys, a
     assert result.signed is False
     (line,) = audit_lines()
     assert (line["action"], line["signature_expected"]) == ("model.load_unsigned", True)
+
+
+def test_command_line(model, tmp_path, capsys):
+    from ops.model_signing import main
+
+    assert main(["keygen", "--private", str(tmp_path / "k.pem"), "--public", str(tmp_path / "k.pub")]) == 0
+    assert main(["sign", "--model", str(model), "--key", str(tmp_path / "k.pem")]) == 0
+    assert main(["verify", "--model", str(model), "--key", str(tmp_path / "k.pub")]) == 0
+    out = capsys.readouterr().out
+    assert f"signed {model}: {model / 'model.sig'}" in out and f"verified {model}: 4 files signed by " in out
+    (model / "config.json").write_bytes(b"{}")
+    assert main(["verify", "--model", str(model), "--key", str(tmp_path / "k.pub")]) == 1
+    assert "refused: " in capsys.readouterr().err
