@@ -200,3 +200,17 @@ def test_async_entry_points_use_a_thread_for_network_guardrails():
     no_io = Guardrails({"default": {"guardrails": ["pii"]}}).for_tenant("x")
     assert asyncio.run(no_io.acheck_messages([{"role": "user", "content": "a@b.io"}]))[0]["content"] == \
         "[REDACTED_EMAIL]"
+
+
+def test_blocked_request_as_the_apps_error(guardrails):
+    from serving.guardrails.http import as_api_error
+
+    report = GuardrailReport()
+    with pytest.raises(GuardrailBlocked) as e:
+        guardrails.for_tenant("acme").check_input(ATTACK, CallContext("acme"), report)
+    response = as_api_error(e.value, report).to_response()
+    assert response.status_code == 400
+    assert response.headers["x-tessera-guardrails"] == "pii,jailbreak"
+    assert response.headers["x-tessera-guardrail-actions"] == "jailbreak=block"
+    body = json.loads(response.render(response.content, "application/json"))
+    assert body == e.value.error_body()
