@@ -7,7 +7,9 @@
 #      Llama-3.1-8B's shapes: TTFT P50/P99 at 2,048 tokens, batch-1 decode and its share of the
 #      HBM roofline, 64 concurrent requests (perf/gpu_serve_bench.py);
 #   3. one table, printed last (perf/gpu_table.py) and saved as OUT_DIR/gpu_check.md.
-# Pure-Python packages the machine lacks travel as wheels in .whl/ (flax; see BUILD_NOTES.md).
+# Pure-Python packages the machine lacks travel as wheels in .whl/ (git-ignored), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl flax==0.12.8
 #
 #   perf/gpu_check.sh [OUT_DIR]        (default $OUT, else perf/results/gpu-run)
 #   GPU_CHECK_SKIP='transformers-llama-3.1-8b' perf/gpu_check.sh    (leave steps out, by name)
