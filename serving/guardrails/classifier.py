@@ -111,7 +111,7 @@ class ClassifierGuardrail(Guardrail):
                          key=lambda item: -item[1])
         if flagged:
             shown = ", ".join(f"{label} {score:.2f}" for label, score in flagged)
-            return Verdict.block(f"classified as {shown}", labels=scores, findings=tuple(l for l, _ in flagged),
+            return Verdict.block(f"classified as {shown}", labels=scores, findings=tuple(label for label, _ in flagged),
                                  code=f"guardrail_{self.name}")
         return Verdict(labels=scores)
 

@@ -19,8 +19,8 @@ SIGNALS: tuple[tuple[str, float, re.Pattern], ...] = (
         r"\b(ignore|disregard|forget|override|skip)\b[\w\s,]{0,20}?\b(previous|prior|above|earlier|preceding|"
         r"all|any|your|system)\b[\w\s]{0,20}?\b(instructions?|prompts?|rules|directions|guidelines|directives)\b", _I)),
     ("persona_dan", 0.6, re.compile(r"\bDAN\b|\b(?i:do anything now)\b")),
-    ("persona_mode", 0.6, re.compile(r"\b(developer|god|jailbreak|jailbroken|unrestricted|unfiltered|uncensored)\s+mode\b",
-                                     _I)),
+    ("persona_mode", 0.6, re.compile(
+        r"\b(developer|god|jailbreak|jailbroken|unrestricted|unfiltered|uncensored)\s+mode\b", _I)),
     ("persona_switch", 0.5, re.compile(
         r"\b(you are now|from now on,? you( are|'re| will)|act as|pretend (to be|you are)|roleplay as)\b[^.\n]{0,60}?"
         r"\b(unfiltered|uncensored|jailbroken|no (rules|restrictions|limits|filters)|without (any )?(rules|"

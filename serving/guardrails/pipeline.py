@@ -14,6 +14,7 @@ from serving.guardrails.base import (
 from serving.guardrails.policy import GuardrailPolicy, GuardrailSpec, TenantPolicy, build_guardrail
 
 log = logging.getLogger(__name__)
+NO_CONTEXT = CallContext()  # frozen: safe as a shared default
 HEADER = "x-tessera-guardrails"  # the guardrails applied to the request, by name
 ACTIONS_HEADER = "x-tessera-guardrail-actions"  # those that acted: name=flag|redact
 
@@ -93,14 +94,14 @@ class GuardrailPipeline:
 
     # -- the request ------------------------------------------------------------------------------
 
-    def check_input(self, text: str, ctx: CallContext = CallContext(), report: GuardrailReport | None = None,
+    def check_input(self, text: str, ctx: CallContext = NO_CONTEXT, report: GuardrailReport | None = None,
                     *, param: str | None = "prompt") -> str:
         """The prompt to use (redacted or as given); raises GuardrailBlocked."""
         report = report if report is not None else GuardrailReport()
         report.applied([s.name for s, _ in self._stage("input")])
         return self._run("input", text, ctx, report, param)
 
-    def check_messages(self, messages: Sequence[Mapping[str, Any]], ctx: CallContext = CallContext(),
+    def check_messages(self, messages: Sequence[Mapping[str, Any]], ctx: CallContext = NO_CONTEXT,
                        report: GuardrailReport | None = None) -> list[dict[str, Any]]:
         """Chat messages (OpenAI's dicts, content a string or a list of parts) with every checked
         text replaced by its checked form; the input is not changed."""
@@ -127,27 +128,27 @@ class GuardrailPipeline:
             out.append(message)
         return out
 
-    def check_output(self, text: str, ctx: CallContext = CallContext(), report: GuardrailReport | None = None) -> str:
+    def check_output(self, text: str, ctx: CallContext = NO_CONTEXT, report: GuardrailReport | None = None) -> str:
         """A complete (non-streamed) output to return; raises GuardrailBlocked."""
         report = report if report is not None else GuardrailReport()
         report.applied([s.name for s, _ in self._stage("output")])
         return self._run("output", text, ctx, report, None)
 
-    def stream(self, ctx: CallContext = CallContext(), report: GuardrailReport | None = None) -> StreamGuard:
+    def stream(self, ctx: CallContext = NO_CONTEXT, report: GuardrailReport | None = None) -> StreamGuard:
         """A checker for one streamed output (one per choice when n > 1)."""
         return StreamGuard(self, ctx, report if report is not None else GuardrailReport())
 
     # -- async entry points: a worker thread when a guardrail does network calls --------------------
 
-    async def acheck_input(self, text: str, ctx: CallContext = CallContext(), report: GuardrailReport | None = None,
+    async def acheck_input(self, text: str, ctx: CallContext = NO_CONTEXT, report: GuardrailReport | None = None,
                            *, param: str | None = "prompt") -> str:
         return await self._maybe_thread(self.check_input, text, ctx, report, param=param)
 
-    async def acheck_messages(self, messages, ctx: CallContext = CallContext(),
+    async def acheck_messages(self, messages, ctx: CallContext = NO_CONTEXT,
                               report: GuardrailReport | None = None) -> list[dict[str, Any]]:
         return await self._maybe_thread(self.check_messages, messages, ctx, report)
 
-    async def acheck_output(self, text: str, ctx: CallContext = CallContext(),
+    async def acheck_output(self, text: str, ctx: CallContext = NO_CONTEXT,
                             report: GuardrailReport | None = None) -> str:
         return await self._maybe_thread(self.check_output, text, ctx, report)
 

@@ -45,7 +45,8 @@ class GuardrailSpec:
         for stage in ("input", "output"):
             action = getattr(self, stage)
             if action is not None and action not in STAGE_ACTIONS:
-                raise ValueError(f"guardrail {self.name!r}: {stage}={action!r} must be one of {', '.join(STAGE_ACTIONS)}")
+                raise ValueError(f"guardrail {self.name!r}: {stage}={action!r} must be one of "
+                                 f"{', '.join(STAGE_ACTIONS)}")
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any] | str) -> GuardrailSpec:
