@@ -16,8 +16,22 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: install
+test: install test-services
 	$(PY) -m pytest -q
+
+# What the identity tests start themselves: redis-server (Debian's), and oidc-provider under node
+# (npm, into tests/integration/oidc/node_modules). Skipped when already there.
+OIDC_DIR := tests/integration/oidc
+.PHONY: test-services
+test-services: $(OIDC_DIR)/node_modules/.installed
+	@command -v redis-server >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+$(OIDC_DIR)/node_modules/.installed: $(OIDC_DIR)/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	cd $(OIDC_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 # The OpenAI-compatible server on 127.0.0.1:8000 with the default model: models/demo once it
 # exists, else a small random checkpoint that `tessera serve` builds on first run.

@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 
 import anyio
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
+from ops.audit import audit_event
+
 from runtime.async_engine import AsyncEngine
+from serving.auth.access import Access, build_access
+from serving.auth.guard import AccessMiddleware, authorize, needs
+from serving.auth.principal import PUBLIC
 from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
 from serving.middleware import RequestMiddleware
+from serving.routes.admin import AdminKeysController, AuthController
 from serving.routes.chat import ChatController
 from serving.routes.completions import CompletionsController
 from serving.routes.debug import DebugController
@@ -27,27 +33,31 @@ from serving.state import ServerState
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: AsyncEngine | None = None, config: ServerConfig | None = None) -> Litestar:
-    """The app around `engine`; without one, builds the engine `config` describes (and owns it)."""
+def create_app(engine: AsyncEngine | None = None, config: ServerConfig | None = None,
+               access: Access | None = None) -> Litestar:
+    """The app around `engine`; without one, builds the engine `config` describes (and owns it).
+    `access` (auth and rate limits) defaults to what `config` and the environment describe."""
     from serving.server import build_server_state
 
     config = config or ServerConfig.from_sources()
-    return build_app(build_server_state(config, engine))
+    return build_app(build_server_state(config, engine), access)
 
 
-def build_app(server: ServerState) -> Litestar:
+def build_app(server: ServerState, access: Access | None = None) -> Litestar:
     # The body limit is a constructor argument: Litestar's router does not read it back from a plugin.
     # logging_config=None: Litestar would otherwise replace the root logger's handlers with its own.
-    return Litestar(plugins=[TesseraPlugin(server)], request_max_body_size=server.config.max_body_bytes,
+    return Litestar(plugins=[TesseraPlugin(server, access)], request_max_body_size=server.config.max_body_bytes,
                     logging_config=None)
 
 
 class TesseraPlugin(InitPluginProtocol):
-    def __init__(self, server: ServerState):
+    def __init__(self, server: ServerState, access: Access | None = None):
         self.server = server
+        self.access = access or build_access(server.config)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         self._configure_routes(app_config)
+        self._configure_access(app_config)
         self._configure_openapi(app_config)
         self._configure_errors(app_config)
         self._configure_lifecycle(app_config)
@@ -56,14 +66,22 @@ class TesseraPlugin(InitPluginProtocol):
     def _configure_routes(self, app_config: AppConfig) -> None:
         server = self.server
         app_config.route_handlers += [CompletionsController, ChatController, ModelsController, TokenizeController,
-                                      HealthController, DebugController]
+                                      HealthController, DebugController, AdminKeysController, AuthController]
         app_config.dependencies["server"] = Provide(lambda: server, use_cache=True, sync_to_thread=False)
         app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
         app_config.state["server"] = server
 
+    def _configure_access(self, app_config: AppConfig) -> None:
+        """The guard checks every route's declared scope; the middleware adds rate-limit headers
+        and charges tokens (inside the request middleware, so it sees the request's record)."""
+        app_config.guards.append(authorize)
+        app_config.middleware.append(DefineMiddleware(AccessMiddleware, access=self.access))
+        app_config.state["access"] = self.access
+
     def _configure_openapi(self, app_config: AppConfig) -> None:
         app_config.openapi_config = OpenAPIConfig(
-            title="Tessera", version=_tessera_version(), path="/schema", use_handler_docstrings=False,
+            title="Tessera", version=_tessera_version(), use_handler_docstrings=False,
+            openapi_router=Router("/schema", route_handlers=[], opt=needs(PUBLIC), include_in_schema=False),
             description="An OpenAI-compatible LLM inference server on JAX/XLA.",
         )
 
@@ -76,6 +94,7 @@ class TesseraPlugin(InitPluginProtocol):
 
     async def _start(self) -> None:
         self.server.engine.start()
+        audit_event("model.load", "success", actor="system", object=f"model:{self.server.model_name}")
 
     async def _stop(self) -> None:
         """Stop intake, let in-flight requests finish (up to the drain timeout), stop an owned engine."""
@@ -85,3 +104,5 @@ class TesseraPlugin(InitPluginProtocol):
             log.warning("drain timeout: %d requests still in flight", server.admission.in_flight)
         if server.owns_engine:
             await anyio.to_thread.run_sync(server.engine.shutdown)
+            audit_event("model.unload", "success", actor="system", object=f"model:{server.model_name}")
+        await self.access.close()

@@ -52,13 +52,46 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--transcript", help="append every message to this file as JSON lines")
     _add_client(sub, "models", "list the models a server serves", sampling=False)
     _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
+    _add_identity_commands(sub)
     return parser
+
+
+def _add_identity_commands(sub) -> None:
+    keys = sub.add_parser("keys", help="create, list and revoke API keys on a running server (scope admin)")
+    key_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = _add_client(key_sub, "create", "create an API key; the key is printed once, alone on the last line",
+                         sampling=False)
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--scopes", required=True, help="comma-separated: admin, read, generate, adapter-manager")
+    create.add_argument("--expires-in", help="lifetime, e.g. 30d, 12h, 90m (default: no expiry)")
+    create.add_argument("--name", help="a label shown in listings")
+    create.add_argument("--rpm", type=int, help="the key's own requests-per-minute limit")
+    create.add_argument("--tpm", type=int, help="the key's own tokens-per-minute limit")
+    listing = _add_client(key_sub, "list", "list API keys (never the keys themselves)", sampling=False)
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    _add_client(key_sub, "revoke", "revoke an API key", sampling=False).add_argument("key_id", help="the key's id")
+    _add_client(sub, "whoami", "show the subject, tenant and scopes the server sees for your credentials",
+                sampling=False)
+
+    login = sub.add_parser("login", help="log in with OpenID Connect; tokens are cached (0600) and refreshed",
+                           description="Log in with OpenID Connect: the authorization-code flow with PKCE on a "
+                                       "127.0.0.1 redirect, or the device flow. Tokens are cached in "
+                                       "TESSERA_TOKEN_CACHE (default ~/.config/tessera/tokens.json, mode 0600) "
+                                       "and refreshed when they expire; client commands send them when "
+                                       "TESSERA_API_KEY is not set.")
+    login.add_argument("--issuer", required=True, help="the issuer URL")
+    login.add_argument("--client-id", required=True, help="the client registered for the CLI (a public client)")
+    login.add_argument("--scopes", default=None, help="scopes to ask for (default: openid offline_access generate read)")
+    login.add_argument("--flow", choices=["auto", "browser", "device"], default="auto",
+                       help="auto: the device flow on a headless machine when offered, else the browser")
+    login.add_argument("--resource", help="resource indicator (RFC 8707) for the access token's audience")
+    sub.add_parser("logout", help="forget the cached login tokens")
 
 
 def _add_client(sub, name: str, help_text: str, sampling: bool = True) -> argparse.ArgumentParser:
     from serving.client import DEFAULT_URL
 
-    p = sub.add_parser(name, help=help_text, description=f"{help_text}. TESSERA_API_KEY, if set, is sent as a bearer token.")
+    p = sub.add_parser(name, help=help_text, description=f"{help_text}. Sends TESSERA_API_KEY as a bearer token, else the token `tessera login` cached.")
     p.add_argument("--url", default=os.environ.get("TESSERA_URL", DEFAULT_URL),
                    help=f"server URL [TESSERA_URL; default: {DEFAULT_URL}]")
     if sampling:
@@ -87,9 +120,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client_command(args: argparse.Namespace) -> int:
-    from serving import client
+    from serving import admin_client, client
 
+    command = f"keys {args.keys_command}" if args.command == "keys" else args.command
     try:
+        admin_client.require_scope(args.url, command)
+        if args.command == "keys":
+            return _keys_command(args)
+        if args.command == "whoami":
+            me = admin_client.whoami(args.url) or {}
+            print("\n".join(f"{k}: {','.join(v) if isinstance(v, list) else v}" for k, v in me.items()))
+            return 0
         if args.command == "complete":
             client.complete(args.url, args.prompt, _sampling_body(args))
             return 0
@@ -100,8 +141,40 @@ def _client_command(args: argparse.Namespace) -> int:
             return client.models(args.url)
         return client.health(args.url)
     except client.ClientError as e:
-        print(f"tessera {args.command}: error: {e}", file=sys.stderr)
+        print(f"tessera {command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _keys_command(args: argparse.Namespace) -> int:
+    from serving import admin_client
+
+    if args.keys_command == "create":
+        admin_client.create_key(args.url, args.tenant, args.scopes, expires_in=args.expires_in, name=args.name,
+                                rpm=args.rpm, tpm=args.tpm)
+        return 0
+    if args.keys_command == "list":
+        return admin_client.list_keys(args.url, args.tenant)
+    return admin_client.revoke_key(args.url, args.key_id)
+
+
+def _login(args: argparse.Namespace) -> int:
+    from serving.auth.login import DEFAULT_SCOPES, LoginError, login
+
+    try:
+        entry = login(args.issuer, args.client_id, scopes=args.scopes or DEFAULT_SCOPES, flow=args.flow,
+                      resource=args.resource)
+    except LoginError as e:
+        print(f"tessera login: error: {e}", file=sys.stderr)
+        return 1
+    print(f"logged in to {entry['issuer']}; scopes: {entry.get('scope') or 'as granted'}", file=sys.stderr)
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    from serving.auth.tokens import forget_tokens
+
+    print("logged out" if forget_tokens() else "not logged in", file=sys.stderr)
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -194,7 +267,8 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"generate": _generate, "convert": _convert, "serve": _serve}.get(args.command, _client_command)
+    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "login": _login,
+               "logout": _logout}.get(args.command, _client_command)
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and parameter errors

@@ -20,8 +20,13 @@ class ClientError(Exception):
 
 
 def _headers() -> dict[str, str]:
-    key = os.environ.get("TESSERA_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    """TESSERA_API_KEY, else the token `tessera login` cached (refreshed when due)."""
+    from serving.auth.tokens import LoginRequired, authorization_header
+
+    try:
+        return authorization_header()
+    except LoginRequired as e:
+        raise ClientError(str(e)) from None
 
 
 def _client(url: str, timeout: float | None = 600.0) -> httpx.Client:

@@ -59,6 +59,36 @@ class ServerConfig:
     log_tenant_sample_ratios: str | None = _setting(None, "per-tenant access-log sampling, e.g. 'acme=0.1,beta=1'")
     otlp_endpoint: str | None = _setting(None, "OpenTelemetry OTLP endpoint for traces; unset: no export")
     debug_requests: int = _setting(256, "recent requests kept for /debug/requests")
+    # -- identity and access (TESSERA_API_KEY, never a flag, bootstraps one admin key) ----------
+    auth: str = _setting("auto", "auto, on or off; auto: on when TESSERA_API_KEY, a key store or an issuer is set")
+    key_store: str | None = _setting(None, "API key store: a file path (one node) or a redis:// URL (replicas)")
+    admin_tenant: str = _setting("default", "tenant of the TESSERA_API_KEY admin key")
+    oidc_issuer: str | None = _setting(None, "OpenID Connect issuer URL whose bearer JWTs are accepted")
+    oidc_audience: str | None = _setting(None, "audience (aud) those tokens must carry; required with oidc_issuer")
+    oidc_tenant_claim: str = _setting("tenant", "claim (dotted path) holding the tenant")
+    oidc_scopes_claim: str = _setting("scope", "claim holding the scopes (space-separated or a list)")
+    oidc_default_tenant: str | None = _setting(None, "tenant for tokens without the tenant claim; unset: refused")
+    workload_issuer: str | None = _setting(None, "workload identity issuer (e.g. Kubernetes) for service tokens")
+    workload_audience: str | None = _setting(None, "the exact audience service tokens must carry")
+    workload_tenant_claim: str = _setting("tenant", "claim holding a service token's tenant, e.g. kubernetes.io.namespace")
+    workload_default_tenant: str | None = _setting(None, "tenant for service tokens without the claim; unset: refused")
+    workload_scopes: str = _setting("generate", "scopes every valid service token gets, comma-separated")
+    jwt_leeway_s: float = _setting(30.0, "clock skew allowed when checking exp and nbf, seconds")
+    # -- rate limits (token buckets; requests and tokens per minute) -----------------------------
+    redis_url: str | None = _setting(None, "Redis shared by replicas for rate limits; unset: in this process")
+    rate_limit_rpm: int | None = _setting(None, "requests per minute per tenant; unset: unlimited")
+    rate_limit_tpm: int | None = _setting(None, "tokens (prompt + completion) per minute per tenant")
+    tenant_rate_limits: str | None = _setting(None, "per-tenant overrides, e.g. 'acme=600:100000,beta=60:' (RPM:TPM)")
+    key_rate_limit_rpm: int | None = _setting(None, "requests per minute per API key or token subject")
+    key_rate_limit_tpm: int | None = _setting(None, "tokens per minute per API key or token subject")
+    rate_limit_fail: str = _setting("open", "when Redis is unreachable: open (serve unlimited) or closed (503)")
+    # -- audit log -----------------------------------------------------------------------------
+    audit_file: str | None = _setting(None, "audit log file (JSON lines, mode 0600, rotated by size)")
+    audit_max_bytes: int = _setting(100 * 2**20, "rotate the audit file at this size, bytes")
+    audit_backup_count: int = _setting(10, "rotated audit files to keep")
+    audit_stdout: bool = _setting(False, "also write audit lines to stdout")
+    audit_http_url: str | None = _setting(None, "SIEM endpoint receiving audit lines as NDJSON POSTs "
+                                                "(TESSERA_AUDIT_HTTP_TOKEN is sent as a bearer token)")
 
     def __post_init__(self):
         _require(1 <= self.port <= 65535 or self.port == 0, "port", self.port, "must be in [0, 65535]")
@@ -72,7 +102,27 @@ class ServerConfig:
         _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
+        self._check_access()
         self.engine_config()
+
+    def _check_access(self) -> None:
+        from serving.auth.oidc import check_issuer_url
+        from serving.auth.principal import parse_scopes
+        from serving.ratelimit.buckets import parse_tenant_limits
+
+        _require(self.auth in ("auto", "on", "off"), "auth", self.auth, "must be auto, on or off")
+        _require(self.rate_limit_fail in ("open", "closed"), "rate_limit_fail", self.rate_limit_fail,
+                 "must be open or closed")
+        for issuer, audience in (("oidc_issuer", "oidc_audience"), ("workload_issuer", "workload_audience")):
+            if getattr(self, issuer):
+                check_issuer_url(getattr(self, issuer))
+                _require(bool(getattr(self, audience)), audience, getattr(self, audience),
+                         f"is required with {issuer}")
+        for name in ("rate_limit_rpm", "rate_limit_tpm", "key_rate_limit_rpm", "key_rate_limit_tpm"):
+            _require(getattr(self, name) is None or getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        _require(self.jwt_leeway_s >= 0, "jwt_leeway_s", self.jwt_leeway_s, "must be >= 0")
+        parse_tenant_limits(self.tenant_rate_limits)
+        parse_scopes(self.workload_scopes)
 
     # -- derived settings ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import uvicorn
 
 from runtime.async_engine import AsyncEngine
 from serving import observability
+from serving.auth.access import configure_audit_sinks
 from serving.config import ServerConfig
 from serving.state import ServerState
 
@@ -92,6 +93,7 @@ def serve(config: ServerConfig) -> int:
     from serving.app import build_app
 
     observability.configure(config)
+    configure_audit_sinks(config)
     state = build_server_state(config)
     app = build_app(state)
     log.info("serving %s on http://%s:%d", state.model_name, config.host, config.port)

@@ -24,9 +24,11 @@ ERROR_RESPONSES = {
     status: ResponseSpec(ErrorResponse, description=description)
     for status, description in (
         (400, "Bad input: malformed JSON, wrong types, out-of-range or unsupported fields, over the context"),
+        (401, "No valid credentials (missing, unknown, revoked or expired key; invalid token)"),
+        (403, "The credentials lack the route's scope"),
         (404, "Unknown model"),
         (413, "Body over the size limit"),
-        (429, "Queue full; see Retry-After"),
+        (429, "Queue full or rate limit reached; see Retry-After"),
         (503, "Shutting down, or the engine has stopped"),
     )
 }
@@ -39,7 +41,8 @@ def start_generation(server: ServerState, request: Request, data: SamplingFields
     record.model, record.user = server.model_name, data.user
     record.prompt_tokens = sum(len(p) for p in prompts)
     record.prompt_text = prompt_text
-    generation = Generation(server, prompts, params, record, uuid.uuid4().hex, engine_fields(data))
+    fields = engine_fields(data) | {"tenant": record.tenant}  # the caller's tenant, set by the auth guard
+    generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields)
     generation.check(prompt_param)
     record.ticket = server.admission.acquire()
     return generation

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from litestar import Controller, Request, post
 
 from runtime.outputs import TokenLogprob
+from serving.auth.guard import needs
+from serving.auth.principal import GENERATE
 from serving.errors import bad_request
 from serving.generation import Generation, sse_event
 from serving.protocol.completions import (
@@ -28,6 +30,7 @@ MAX_PROMPTS = 32
 class CompletionsController(Controller):
     path = "/v1/completions"
     tags = ["OpenAI"]
+    opt = needs(GENERATE)
 
     @post(operation_id="createCompletion", status_code=200, responses=ERROR_RESPONSES,
           summary="Complete one or more prompts; `stream: true` answers with server-sent events")

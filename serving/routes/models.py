@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from litestar import Controller, get
 
+from serving.auth.guard import needs
+from serving.auth.principal import READ
 from serving.protocol.admin import ModelCard, ModelList
 from serving.state import ServerState
 
@@ -11,6 +13,7 @@ from serving.state import ServerState
 class ModelsController(Controller):
     path = "/v1/models"
     tags = ["OpenAI"]
+    opt = needs(READ)
 
     @get(operation_id="listModels", summary="The model this server serves")
     async def list_models(self, server: ServerState) -> ModelList:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
+from serving.auth.guard import needs
+from serving.auth.principal import GENERATE
 from serving.errors import bad_request
 from serving.protocol.admin import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from serving.routes.chat import render_chat
@@ -14,6 +16,7 @@ from serving.state import ServerState
 class TokenizeController(Controller):
     path = "/"
     tags = ["Tokenizer"]
+    opt = needs(GENERATE)
 
     @post("/tokenize", operation_id="tokenize", status_code=200, responses=ERROR_RESPONSES,
           summary="Token ids of a prompt, or of messages through the chat template")

@@ -1,0 +1,1 @@
+"""Identity and access: API keys and their stores, OIDC and workload tokens, scopes and the guard."""

@@ -1,0 +1,1 @@
+"""Per-tenant and per-key rate limits: token buckets in memory (one node) or in Redis (replicas)."""
