@@ -21,7 +21,7 @@ from serving.auth.principal import PUBLIC
 from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
 from serving.middleware import RequestMiddleware
-from serving.routes.admin import AdminKeysController, AuthController
+from serving.routes.admin import AdminKeysController, AdminRateLimitsController, AuthController
 from serving.routes.chat import ChatController
 from serving.routes.completions import CompletionsController
 from serving.routes.debug import DebugController
@@ -66,7 +66,8 @@ class TesseraPlugin(InitPluginProtocol):
     def _configure_routes(self, app_config: AppConfig) -> None:
         server = self.server
         app_config.route_handlers += [CompletionsController, ChatController, ModelsController, TokenizeController,
-                                      HealthController, DebugController, AdminKeysController, AuthController]
+                                      HealthController, DebugController, AdminKeysController, AdminRateLimitsController,
+                                      AuthController]
         app_config.dependencies["server"] = Provide(lambda: server, use_cache=True, sync_to_thread=False)
         app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
         app_config.state["server"] = server

@@ -44,6 +44,20 @@ class KeyList(Struct):
     object: Literal["list"] = "list"
 
 
+class TenantLimits(Struct, kw_only=True):
+    """A tenant's limits per minute; null: unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+class RateLimits(Struct, kw_only=True):
+    default: TenantLimits
+    """Every tenant not listed."""
+    tenants: dict[str, TenantLimits]
+    per_key: TenantLimits
+
+
 class WhoAmI(Struct, kw_only=True):
     subject: str
     tenant: str

@@ -1,10 +1,13 @@
-"""API key administration (/admin/keys, scope admin) and the caller's identity (/auth/whoami)."""
+"""API key administration (/admin/keys), live rate limits (/admin/rate-limits), both scope
+admin, and the caller's identity (/auth/whoami)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Request, delete, get, post
+import dataclasses
+
+from litestar import Controller, Request, delete, get, post, put
 from litestar.params import Parameter
 
 from ops.audit import audit_event
@@ -15,7 +18,8 @@ from serving.auth.keys import ApiKeyRecord, new_key, parse_duration
 from serving.auth.principal import ADMIN, AUTHENTICATED, parse_scopes
 from serving.errors import APIError, bad_request
 from serving.middleware import request_record
-from serving.protocol.auth import CreatedKey, CreateKeyRequest, KeyInfo, KeyList, WhoAmI
+from serving.protocol.auth import CreatedKey, CreateKeyRequest, KeyInfo, KeyList, RateLimits, TenantLimits, WhoAmI
+from serving.ratelimit.buckets import Limit
 from serving.routes.common import ERROR_RESPONSES
 
 
@@ -61,6 +65,42 @@ class AdminKeysController(Controller):
             raise APIError(404, f"no API key has the id {key_id!r}", param="key_id", code="key_not_found")
         _audit(request, "key.revoke", record)
         return _info(record)
+
+
+class AdminRateLimitsController(Controller):
+    """The limits in force, and a tenant's limits changed live (in this process: set
+    `tenant_rate_limits` too, so a restart and the other replicas agree)."""
+
+    path = "/admin/rate-limits"
+    tags = ["Administration"]
+    opt = needs(ADMIN)
+
+    @get(operation_id="getRateLimits", summary="The rate limits in force")
+    async def current(self, request: Request) -> RateLimits:
+        limits = request.app.state["access"].limits
+        return RateLimits(default=_limits(limits.tenant_default), per_key=_limits(limits.key_default),
+                          tenants={t: _limits(x) for t, x in sorted(limits.tenants.items())})
+
+    @put("/{tenant:str}", operation_id="setTenantRateLimits", status_code=200, responses=ERROR_RESPONSES,
+         summary="Set one tenant's requests and tokens per minute (null: unlimited)")
+    async def set_tenant(self, request: Request, tenant: str, data: TenantLimits) -> TenantLimits:
+        for name in ("rpm", "tpm"):
+            if getattr(data, name) is not None and getattr(data, name) <= 0:
+                raise bad_request(f"{name} must be > 0 or null", name)
+        access: Access = request.app.state["access"]
+        before = access.limits.tenants.get(tenant, access.limits.tenant_default)
+        access.limits = dataclasses.replace(access.limits, tenants={**access.limits.tenants,
+                                                                    tenant: Limit(data.rpm, data.tpm)})
+        caller = principal_of(request)
+        audit_event("config.change", "success", actor=caller.subject, tenant=tenant, key_id=caller.key_id,
+                    object=f"rate_limits:{tenant}", request_id=request_record(request.scope).request_id,
+                    source=request.client.host if request.client else None,
+                    changes={"rpm": [before.rpm, data.rpm], "tpm": [before.tpm, data.tpm]})
+        return data
+
+
+def _limits(limit: Limit) -> TenantLimits:
+    return TenantLimits(rpm=limit.rpm, tpm=limit.tpm)
 
 
 class AuthController(Controller):

@@ -34,6 +34,8 @@ ROUTES = {
     ("GET", "/admin/keys"): ("/admin/keys", None, 200),
     ("POST", "/admin/keys"): ("/admin/keys", {"tenant": "matrix", "scopes": ["read"]}, 201),
     ("DELETE", "/admin/keys/{key_id:str}"): ("/admin/keys/{victim}", None, 200),
+    ("GET", "/admin/rate-limits"): ("/admin/rate-limits", None, 200),
+    ("PUT", "/admin/rate-limits/{tenant:str}"): ("/admin/rate-limits/matrix", {"rpm": None, "tpm": None}, 200),
 }
 
 

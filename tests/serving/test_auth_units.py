@@ -229,3 +229,15 @@ def test_issuer_keys_refuse_plain_http_beyond_loopback():
     with pytest.raises(ValueError, match="https"):
         IssuerKeys("http://issuer.test")
     IssuerKeys("http://127.0.0.1:8080")
+
+
+def test_auth_on_when_credentials_are_configured_and_a_loud_warning_when_open(caplog):
+    from serving.auth.access import build_access
+
+    assert not build_access(ServerConfig(), {}).enabled
+    assert build_access(ServerConfig(), {"TESSERA_API_KEY": "k"}).enabled
+    assert build_access(ServerConfig(key_store="/tmp/does-not-matter.json"), {}).enabled
+    assert not build_access(ServerConfig(auth="off"), {"TESSERA_API_KEY": "k"}).enabled
+    with caplog.at_level("WARNING"):
+        build_access(ServerConfig(host="0.0.0.0"), {})
+    assert "AUTH IS OFF" in caplog.text and "0.0.0.0" in caplog.text
