@@ -4,10 +4,13 @@
     .venv/bin/python perf/load.py --chats 16 [--seconds 60]
 
 Load mode: a small random checkpoint (built once into .cache/perf-load-model) is served by a
-`tessera serve` subprocess; N clients each stream completions back to back for T seconds
-(then finish the one in flight). Reported: errors, time to first token and inter-token
-latency P50/P99, aggregate tok/s, and the same workload through the in-process AsyncEngine
-(no HTTP), whose ratio HTTP/in-process is the cost of the HTTP path (aim: >= 0.9).
+`tessera serve` subprocess; N clients each stream completions back to back for T seconds,
+and what is in flight at T is cut off there: throughput counts the tokens that arrived in
+the window (streams carry their usage in every chunk), so it does not depend on how many
+whole requests fit in it. Reported: errors, time to first token and inter-token latency
+P50/P99, aggregate tok/s, and the same workload through the in-process AsyncEngine (no
+HTTP), before and after the HTTP run; HTTP / in-process is the cost of the HTTP path
+(aim: >= 0.9).
 
 Chat mode: `tessera serve` with its default model (models/demo, or the random fallback),
 N concurrent chat streams for T seconds; every stream must decode at >= 8 tok/s.
@@ -52,6 +55,7 @@ class Stream:
     start: float = 0.0
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0
+    cut: bool = False  # still running at the deadline (its tokens so far count)
 
     @property
     def ttft(self) -> float | None:
@@ -75,8 +79,10 @@ class Stream:
 # -- a lean streaming client ----------------------------------------------------------------
 
 
-async def stream_once(host: str, port: int, path: str, body: dict) -> Stream:
-    """POST with `stream: true`; every SSE chunk with text counts as one arrival."""
+async def stream_once(host: str, port: int, path: str, body: dict, deadline: float) -> Stream:
+    """POST with `stream: true` and usage in every chunk; each chunk with text is one arrival.
+    At `deadline` the connection is dropped (the server aborts the request): only tokens that
+    arrived by then count."""
     result = Stream(start=time.perf_counter())
     payload = json.dumps(body).encode()
     try:
@@ -86,17 +92,17 @@ async def stream_once(host: str, port: int, path: str, body: dict) -> Stream:
     try:
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
-        status = int((await reader.readline()).split()[1])
-        while (await reader.readline()) not in (b"\r\n", b""):
+        status = int((await _before(reader.readline(), deadline)).split()[1])
+        while (await _before(reader.readline(), deadline)) not in (b"\r\n", b""):
             pass
         if status != 200:
             return Stream(ok=False, error=f"HTTP {status}: {(await reader.read(300))!r}")
         done = False
         while not done:
-            size = int((await reader.readline()).strip() or b"0", 16)
+            size = int((await _before(reader.readline(), deadline)).strip() or b"0", 16)
             if size == 0:
                 break
-            chunk = await reader.readexactly(size + 2)
+            chunk = await _before(reader.readexactly(size + 2), deadline)
             now = time.perf_counter()
             for event in chunk.split(b"\n\n"):
                 if not event.startswith(b"data: "):
@@ -104,14 +110,18 @@ async def stream_once(host: str, port: int, path: str, body: dict) -> Stream:
                 data = event[6:]
                 if data == b"[DONE]":
                     done = True
-                elif b'"usage":{' in data:
-                    result.tokens = json.loads(data)["usage"]["completion_tokens"]
-                elif b'"error"' in data[:12]:
+                    continue
+                if data.startswith(b'{"error"'):
                     return Stream(ok=False, error=data.decode()[:300])
-                else:
+                at = data.rfind(b'"completion_tokens":')
+                if at >= 0:
+                    result.tokens = int(data[at + 20:data.index(b",", at)])
+                if b'"choices":[]' not in data:
                     result.chunk_times.append(now)
         if not done:
             result.ok, result.error = False, "stream ended without [DONE]"
+    except TimeoutError:
+        result.cut = True
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
         result.ok, result.error = False, f"{type(e).__name__}: {e}"
     finally:
@@ -119,20 +129,25 @@ async def stream_once(host: str, port: int, path: str, body: dict) -> Stream:
     return result
 
 
+async def _before(awaitable, deadline: float):
+    return await asyncio.wait_for(awaitable, max(deadline - time.perf_counter(), 0.0))
+
+
 async def run_clients(make_request, clients: int, seconds: float) -> tuple[list[Stream], float]:
-    """`clients` loops, each starting requests until `seconds` pass; (streams, wall time to the last end)."""
-    deadline = time.perf_counter() + seconds
+    """`clients` loops, each starting requests back to back for `seconds`; what is in flight at
+    the end is cut there. (streams, the window's length)."""
     start = time.perf_counter()
+    deadline = start + seconds
 
     async def client(index: int) -> list[Stream]:
         done, number = [], 0
         while time.perf_counter() < deadline:
-            done.append(await make_request(index, number))
+            done.append(await make_request(index, number, deadline))
             number += 1
         return done
 
     per_client = await asyncio.gather(*(client(i) for i in range(clients)))
-    return [s for streams in per_client for s in streams], time.perf_counter() - start
+    return [s for streams in per_client for s in streams], seconds
 
 
 # -- the server and the in-process engine ---------------------------------------------------
@@ -202,14 +217,23 @@ async def in_process(model: Path, clients: int, seconds: float, workload: list[l
     front = AsyncEngine(engine)
     from runtime.request import SamplingParams
 
-    async def one(index: int, number: int) -> Stream:
+    async def one(index: int, number: int, deadline: float) -> Stream:
         result = Stream(start=time.perf_counter())
         params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=1.0, seed=index * 1000 + number)
-        async for output in front.generate(workload[(index + number) % len(workload)], params):
-            tokens = sum(len(o.token_ids) for o in output.outputs)
-            if tokens:
-                result.chunk_times.append(time.perf_counter())
-                result.tokens += tokens
+        stream = front.generate(workload[(index + number) % len(workload)], params)
+        try:
+            while True:
+                output = await _before(anext(stream), deadline)
+                tokens = sum(len(o.token_ids) for o in output.outputs)
+                if tokens:
+                    result.chunk_times.append(time.perf_counter())
+                    result.tokens += tokens
+                if output.finished:
+                    break
+        except TimeoutError:
+            result.cut = True
+        finally:
+            await stream.aclose()
         return result
 
     try:
@@ -219,11 +243,11 @@ async def in_process(model: Path, clients: int, seconds: float, workload: list[l
 
 
 def over_http(port: int, clients: int, seconds: float, workload: list[list[int]]) -> tuple[list[Stream], float]:
-    async def one(index: int, number: int) -> Stream:
+    async def one(index: int, number: int, deadline: float) -> Stream:
         body = {"prompt": workload[(index + number) % len(workload)], "max_tokens": MAX_TOKENS, "temperature": 1.0,
                 "seed": index * 1000 + number, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        return await stream_once("127.0.0.1", port, "/v1/completions", body)
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        return await stream_once("127.0.0.1", port, "/v1/completions", body, deadline)
 
     return asyncio.run(run_clients(one, clients, seconds))
 
@@ -232,11 +256,11 @@ def chat_streams(port: int, clients: int, seconds: float) -> tuple[list[Stream],
     questions = ["Tell me a short story about a cat.", "What is the capital of France?",
                  "Describe the sea on a calm day.", "Why do birds sing in the morning?"]
 
-    async def one(index: int, number: int) -> Stream:
+    async def one(index: int, number: int, deadline: float) -> Stream:
         body = {"messages": [{"role": "user", "content": questions[(index + number) % len(questions)]}],
                 "max_tokens": 96, "temperature": 0.8, "seed": index * 1000 + number, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        return await stream_once("127.0.0.1", port, "/v1/chat/completions", body)
+                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        return await stream_once("127.0.0.1", port, "/v1/chat/completions", body, deadline)
 
     return asyncio.run(run_clients(one, clients, seconds))
 
@@ -256,7 +280,8 @@ def summary(name: str, streams: list[Stream], wall: float) -> dict:
     ttfts = [s.ttft for s in ok if s.ttft is not None]
     itls = [x for s in ok for x in s.itls]
     tokens = sum(s.tokens for s in ok)
-    return dict(path=name, requests=len(streams), errors=len(streams) - len(ok), tokens=tokens, wall_s=wall,
+    return dict(path=name, requests=len(streams), completed=sum(not s.cut for s in ok), errors=len(streams) - len(ok),
+                tokens=tokens, wall_s=wall,
                 tok_s=tokens / wall, ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
                 itl_p50=percentile(itls, 50), itl_p99=percentile(itls, 99),
                 first_error=next((s.error for s in streams if not s.ok), ""))
@@ -269,10 +294,12 @@ def machine() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| path | requests | errors | tokens | tok/s | TTFT P50 | TTFT P99 | ITL P50 | ITL P99 |",
+    lines = ["| path | requests (completed) | errors | tokens in the window | tok/s | TTFT P50 | TTFT P99 | "
+             "ITL P50 | ITL P99 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['requests']} | {r['errors']} | {r['tokens']} | {r['tok_s']:.1f} | "
+        lines.append(f"| {r['path']} | {r['requests']} ({r['completed']}) | {r['errors']} | {r['tokens']} | "
+                     f"{r['tok_s']:.1f} | "
                      f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | "
                      f"{r['itl_p99'] * 1e3:.1f} ms |")
     return "\n".join(lines)
@@ -325,7 +352,7 @@ def chat_mode(args) -> str:
     finally:
         stop_server(server)
     row = summary("HTTP chat", streams, wall)
-    ok = [s for s in streams if s.ok and s.decode_tok_s is not None]
+    ok = [s for s in streams if s.ok and not s.cut and s.decode_tok_s is not None]
     decode = [s.decode_tok_s for s in ok]
     e2e = [s.e2e_tok_s for s in ok]
     slowest = min(decode) if decode else float("nan")
