@@ -74,6 +74,8 @@ async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> No
         raise APIError(403, f"this route needs the scope `{needed}`; the caller has: {held}",
                        code="insufficient_scope",
                        headers={"www-authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'})
+    if needed == AUTHENTICATED:
+        return  # /auth/whoami: the CLI's check before each command does not spend the caller's requests
     decision = await access.admit(principal)
     if decision is not None:
         state[DECISION_KEY] = decision

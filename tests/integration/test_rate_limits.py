@@ -50,6 +50,8 @@ def test_requests_per_minute_per_tenant(engine):
             remaining.append(response.headers["x-ratelimit-remaining-requests"])
             assert response.headers["x-ratelimit-limit-requests"] == "3"
         assert statuses == [200, 200, 200] and remaining == ["2", "1", "0"]
+        me = httpx.get(f"{url}/auth/whoami", headers=a1)  # the CLI's check spends no request
+        assert me.status_code == 200 and "x-ratelimit-remaining-requests" not in me.headers
         refused = httpx.get(f"{url}/v1/models", headers=a2)  # the tenant's fourth, from its other key
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
