@@ -39,6 +39,9 @@ def make_metrics(model_name: str, engine: Any) -> Any | None:
 
 def configure(config) -> None:
     """Process-wide logging and tracing from a ServerConfig; `tessera serve` calls it once."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # e.g. absl's basicConfig, run when orbax is imported
+        root.removeHandler(handler)
     if _logging is not None:
         _logging.configure_logging(
             config.log_level, json=config.log_json, log_file=config.log_file, max_bytes=config.log_max_bytes,
