@@ -85,7 +85,7 @@ def test_tokens_charged_from_actual_usage_in_redis(engine, redis_url):
         used = first.json()["usage"]["total_tokens"]
         assert used == first.json()["usage"]["prompt_tokens"] + 20
         level = float(redis.Redis.from_url(redis_url).hget("tessera:ratelimit:tenant:acme:tokens", "level"))
-        assert 30 - used <= level <= 30 - used + 2  # refilled at 0.5 token/s for at most a few seconds
+        assert 30 - used <= level <= 30 - used + 10  # refilled at 0.5 token/s while it ran (< 20 s)
         second = httpx.post(f"{url}/v1/completions", headers=key, json=body)  # the bucket is still positive
         assert second.status_code == 200
         third = httpx.post(f"{url}/v1/completions", headers=key, json=body)  # now it is below zero
@@ -172,9 +172,10 @@ def test_limits_hold_across_two_processes_sharing_redis(tiny_model, redis_url, t
         assert [r.status_code for r in over] == [429, 429]  # the tenant is over its 4/min on both
         assert all(r.headers["x-ratelimit-limit-requests"] == "4" for r in over)
 
-        used = httpx.post(f"{a}/v1/completions", headers=beta, timeout=120,
-                          json={"model": "sub", "prompt": "hi", "max_tokens": 40, "ignore_eos": True})
-        assert used.status_code == 200 and used.json()["usage"]["total_tokens"] > 30
+        # 100 tokens against 30/min: the debt outlasts the first request's compile (refill 0.5/s).
+        used = httpx.post(f"{a}/v1/completions", headers=beta, timeout=300,
+                          json={"model": "sub", "prompt": "hi", "max_tokens": 100, "ignore_eos": True})
+        assert used.status_code == 200 and used.json()["usage"]["total_tokens"] > 100
         refused = httpx.get(f"{b}/v1/models", headers=beta)  # charged on one process, refused by the other
         assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-tokens"] == "0"
     finally:
