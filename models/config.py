@@ -255,3 +255,20 @@ def _layer_windows(raw: dict[str, Any], kind: str, num_layers: int) -> tuple[int
         first = _QWEN_MAX_WINDOW_LAYERS if first is None else first
         return tuple(window if i >= first else None for i in range(num_layers))
     return (None,) * num_layers
+
+
+# Sampling fields of generation_config.json a request falls back to (vLLM's `--generation-config auto`).
+GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The model's sampling defaults from `generation_config.json` (absent file or fields: none)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return {name: raw[name] for name in GENERATION_SAMPLING_FIELDS
+            if isinstance(raw.get(name), int | float) and not isinstance(raw.get(name), bool)}

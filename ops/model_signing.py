@@ -283,14 +283,9 @@ def _file_digests(manifest) -> dict[str, str]:
 # -- command line: python -m ops.model_signing {keygen,sign,verify} ----------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`keygen --private P --public Q`, `sign --model DIR --key P [--signature F]`,
-    `verify --model DIR --key Q [--signature F]`; exit 1 with the reason when refused."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m ops.model_signing", description="Sign and verify model folders.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """`keygen`, `sign` and `verify` on an argparse subparsers object (this module's main, and
+    `tessera models`)."""
     keygen = sub.add_parser("keygen", help="write a new ECDSA P-256 key pair (PEM)")
     keygen.add_argument("--private", required=True, help="private key file to write (mode 0600)")
     keygen.add_argument("--public", required=True, help="public key file to write")
@@ -299,19 +294,35 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", required=True, help="model folder")
         p.add_argument("--key", required=True, help=key_help)
         p.add_argument("--signature", help=f"signature file; default: MODEL/{SIGNATURE_FILE}")
-    args = parser.parse_args(argv)
+
+
+def run_command(command: str, args, prefix: str = "") -> int:
+    """One of `add_commands`' commands; exit 1 with the reason when refused."""
+    import sys
+
     try:
-        if args.command == "keygen":
+        if command == "keygen":
             print(f"public key fingerprint {generate_key_pair(args.private, args.public)}")
-        elif args.command == "sign":
+        elif command == "sign":
             print(f"signed {args.model}: {sign_model(args.model, args.key, args.signature)}")
         else:
             verified = verify_model(args.model, args.key, args.signature)
             print(f"verified {args.model}: {len(verified.files)} files signed by {verified.key_fingerprint}")
     except ModelSignatureError as e:
-        print(f"refused: {e}", file=sys.stderr)
+        print(f"{prefix}refused: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`keygen --private P --public Q`, `sign --model DIR --key P [--signature F]`,
+    `verify --model DIR --key Q [--signature F]`; exit 1 with the reason when refused."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ops.model_signing", description="Sign and verify model folders.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.command, args)
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def load_mode(args) -> str:
     rows.append(summary("in-process AsyncEngine (before)", streams, wall))
     print(table(rows), flush=True)
     port = free_port()
-    server = start_server(port, ["--model", str(model), "--max-num-seqs", str(args.clients),
+    server = start_server(port, ["--model", str(model), "--allow-unsigned", "--max-num-seqs", str(args.clients),
                                  "--max-num-batched-tokens", "256", "--max-model-len", str(MAX_MODEL_LEN),
                                  "--token-buckets", TOKEN_BUCKETS, "--max-queue", str(args.clients)])
     try:

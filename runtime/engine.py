@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.config import generation_defaults
 from models.loader import LoadedModel, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
@@ -75,6 +76,7 @@ class Engine:
         self.counters = EngineCounters()
         self._texts: dict[int, SequenceText] = {}
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
+        self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
 
     @classmethod
     def from_model_dir(
@@ -84,7 +86,9 @@ class Engine:
         model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
-        return cls(model, tokenizer, config)
+        engine = cls(model, tokenizer, config)
+        engine.generation_defaults = generation_defaults(model_dir)
+        return engine
 
     def _blocks_for_memory(self, config: EngineConfig) -> int:
         cfg = self.model.cfg

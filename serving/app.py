@@ -20,6 +20,7 @@ from serving.auth.guard import AccessMiddleware, authorize, needs
 from serving.auth.principal import PUBLIC
 from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
+from serving.forwarded import ForwardedHeadersMiddleware
 from serving.middleware import RequestMiddleware
 from serving.routes.admin import AdminKeysController, AdminRateLimitsController, AuthController
 from serving.routes.chat import ChatController
@@ -69,6 +70,9 @@ class TesseraPlugin(InitPluginProtocol):
                                       HealthController, DebugController, AdminKeysController, AdminRateLimitsController,
                                       AuthController]
         app_config.dependencies["server"] = Provide(lambda: server, use_cache=True, sync_to_thread=False)
+        # First: everything after it (request records, rate limits, audit) sees the real client.
+        app_config.middleware.insert(0, DefineMiddleware(ForwardedHeadersMiddleware,
+                                                         trusted=server.config.trusted_proxies))
         app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
         app_config.state["server"] = server
 

@@ -50,7 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     chat = _add_client(sub, "chat", "chat with a server interactively, streaming the answers")
     chat.add_argument("--system", help="system message that starts the conversation")
     chat.add_argument("--transcript", help="append every message to this file as JSON lines")
-    _add_client(sub, "models", "list the models a server serves", sampling=False)
+    models = _add_client(sub, "models", "list the models a server serves; or keygen, sign, verify a model folder",
+                         sampling=False)
+    from ops.model_signing import add_commands
+
+    add_commands(models.add_subparsers(dest="models_command", required=False,
+                                       title="model signing (no subcommand: list a server's models)"))
     _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
     _add_identity_commands(sub)
     return parser
@@ -116,7 +121,23 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import ServerConfig
     from serving.server import serve
 
-    return serve(ServerConfig.from_sources(args))
+    from ops.kms import KMSError
+    from ops.model_signing import ModelSignatureError
+
+    try:
+        return serve(ServerConfig.from_sources(args))
+    except ModelSignatureError as e:  # names the changed, extra or missing file
+        print(f"tessera serve: refused to load the model: {e}", file=sys.stderr)
+        return 2
+    except KMSError as e:
+        print(f"tessera serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _models_signing(args: argparse.Namespace) -> int:
+    from ops.model_signing import run_command
+
+    return run_command(args.models_command, args, prefix=f"tessera models {args.models_command}: ")
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -269,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = {"generate": _generate, "convert": _convert, "serve": _serve, "login": _login,
                "logout": _logout}.get(args.command, _client_command)
+    if args.command == "models" and args.models_command:
+        handler = _models_signing
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and parameter errors

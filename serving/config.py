@@ -89,6 +89,16 @@ class ServerConfig:
     audit_stdout: bool = _setting(False, "also write audit lines to stdout")
     audit_http_url: str | None = _setting(None, "SIEM endpoint receiving audit lines as NDJSON POSTs "
                                                 "(TESSERA_AUDIT_HTTP_TOKEN is sent as a bearer token)")
+    audit_encrypt_rotated: bool = _setting(False, "encrypt rotated audit files at rest under data keys from --kms")
+    # -- trust and policy ----------------------------------------------------------------------
+    verify_key: str | None = _setting(None, "ECDSA P-256 public key (PEM): the model must match its signature "
+                                            "(model.sig) before any weight is loaded")
+    allow_unsigned: bool = _setting(False, "serve a model without a verified signature (development; audited)")
+    guardrails: str | None = _setting(None, "guardrail policy per tenant: a JSON or TOML file, or inline JSON")
+    trusted_proxies: str | None = _setting(None, "proxies whose X-Forwarded-* headers are believed, e.g. "
+                                                 "'10.0.0.0/8,127.0.0.1'; unset: none")
+    kms: str | None = _setting(None, "KMS for data keys: local:PATH (a 32-byte key file) or "
+                                     "aws-kms:KEY[?region=R&endpoint=URL]")
 
     def __post_init__(self):
         _require(1 <= self.port <= 65535 or self.port == 0, "port", self.port, "must be in [0, 65535]")
@@ -123,6 +133,22 @@ class ServerConfig:
         _require(self.jwt_leeway_s >= 0, "jwt_leeway_s", self.jwt_leeway_s, "must be >= 0")
         parse_tenant_limits(self.tenant_rate_limits)
         parse_scopes(self.workload_scopes)
+        self._check_trust()
+
+    def _check_trust(self) -> None:
+        """Syntax only: key files, policy files and the KMS are opened at start-up."""
+        from serving.forwarded import TrustedProxies
+
+        try:
+            TrustedProxies.parse(self.trusted_proxies)
+        except ValueError as e:
+            raise ValueError(f"trusted_proxies={self.trusted_proxies!r}: {e}") from None
+        _require(not self.audit_encrypt_rotated or bool(self.kms), "audit_encrypt_rotated",
+                 self.audit_encrypt_rotated, "needs --kms")
+        _require(not self.audit_encrypt_rotated or bool(self.audit_file), "audit_encrypt_rotated",
+                 self.audit_encrypt_rotated, "needs --audit-file")
+        _require(self.kms is None or self.kms.partition(":")[0] in ("local", "aws-kms"), "kms", self.kms,
+                 "must be local:PATH or aws-kms:KEY")
 
     # -- derived settings ---------------------------------------------------------------------
 

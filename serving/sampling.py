@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from runtime.request import SamplingParams
 from serving.errors import bad_request, from_engine_error
 from serving.protocol.common import SamplingFields
 
 
-def sampling_params(data: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(data: SamplingFields, *, max_tokens: int, logprobs: int | None,
+                    defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
+    """`defaults`: the model's generation_config.json sampling fields, used for fields the
+    request leaves out (as vLLM does); then OpenAI's defaults."""
     if data.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
+    defaults = defaults or {}
+
+    def pick(name: str, fallback):
+        value = getattr(data, name)
+        return defaults.get(name, fallback) if value is None else value
+
     stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
-    top_k = 0 if data.top_k in (None, -1) else data.top_k  # vLLM's -1 and OpenAI's absence both mean off
+    top_k = pick("top_k", 0)
+    top_k = 0 if top_k == -1 else top_k  # vLLM's -1 and OpenAI's absence both mean off
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if data.temperature is None else data.temperature,
-            top_p=1.0 if data.top_p is None else data.top_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
             top_k=top_k,
-            min_p=data.min_p or 0.0,
+            min_p=pick("min_p", 0.0),
             seed=None if data.seed is None else data.seed % 2**32,
             stop=stop,
             stop_token_ids=tuple(data.stop_token_ids or ()),
@@ -26,7 +38,7 @@ def sampling_params(data: SamplingFields, *, max_tokens: int, logprobs: int | No
             min_tokens=data.min_tokens,
             presence_penalty=data.presence_penalty,
             frequency_penalty=data.frequency_penalty,
-            repetition_penalty=1.0 if data.repetition_penalty is None else data.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             logprobs=logprobs,
             n=data.n,
             include_stop_str_in_output=data.include_stop_str_in_output,

@@ -23,30 +23,50 @@ from serving.state import ServerState
 log = logging.getLogger(__name__)
 
 
+def served_name(config: ServerConfig, model_dir: str | Path) -> str:
+    # The default model answers to "demo", whichever folder currently provides it.
+    return config.served_model_name or ("demo" if config.model is None else Path(model_dir).resolve().name)
+
+
+def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
+    """The signature gate, before any weight is read (raises ModelSignatureError naming the file).
+    The default (demo) model is development's: without --verify-key it is served unsigned, audited."""
+    from ops.model_signing import check_model_trust
+
+    allow_unsigned = config.allow_unsigned or (config.model is None and config.verify_key is None)
+    check_model_trust(model_dir, verify_key=config.verify_key, allow_unsigned=allow_unsigned,
+                      model_name=served_name(config, model_dir))
+
+
 def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[AsyncEngine, str]:
-    """Load and warm up the model; (the engine, its served name)."""
+    """Check the model's signature, then load and warm it up; (the engine, its served name).
+    Every load (start-up, and any reload) comes through here."""
     from runtime.compile_cache import enable_compilation_cache
     from runtime.engine import Engine
 
+    check_trust(config, model_dir)
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
     if config.warm_up:
         engine.warm_up()
-    # The default model answers to "demo", whichever folder currently provides it.
-    name = config.served_model_name or ("demo" if config.model is None else Path(model_dir).resolve().name)
+    name = served_name(config, model_dir)
     return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
 
 
 def build_server_state(config: ServerConfig, engine: AsyncEngine | None = None) -> ServerState:
+    from serving.guardrails import Guardrails
+
+    guardrails = Guardrails.from_setting(config.guardrails)  # before the model: a bad policy fails fast
     if engine is not None:
         name = config.served_model_name or engine.engine.config.model_id or "tessera"
-        return ServerState(engine, config, name, owns_engine=False, metrics=getattr(engine, "metrics", None))
+        return ServerState(engine, config, name, owns_engine=False, metrics=getattr(engine, "metrics", None),
+                           guardrails=guardrails)
     from serving.default_model import resolve_model
 
     model_dir = resolve_model(config.model)
     engine, name = build_async_engine(config, model_dir)
-    return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics)
+    return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics, guardrails=guardrails)
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,8 +104,10 @@ class DrainingServer(uvicorn.Server):
 def make_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> DrainingServer:
     # The drain has already waited for in-flight requests; what uvicorn still finds after it
     # (a drain that timed out) gets a second, then is cancelled, which aborts it in the engine.
+    # proxy_headers=False: X-Forwarded-* is the app's ForwardedHeadersMiddleware's (--trusted-proxies),
+    # one rule; uvicorn's own would also believe 127.0.0.1.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=1, lifespan="on", log_config=None)
+                            timeout_graceful_shutdown=1, lifespan="on", log_config=None, proxy_headers=False)
     return DrainingServer(config, state)
 
 

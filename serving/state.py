@@ -22,6 +22,8 @@ class ServerState:
     owns_engine: bool = False
     """Shut the engine down with the app (it was built for it)."""
     metrics: Any | None = None
+    guardrails: Any | None = None
+    """`serving.guardrails.Guardrails` from --guardrails; None: no guardrails."""
     started: float = field(default_factory=time.time)
     admission: Admission = field(init=False)
     recent: RecentRequests = field(init=False)
@@ -35,6 +37,11 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.engine.engine.tokenizer
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's generation_config.json sampling fields, for fields a request leaves out."""
+        return getattr(self.engine.engine, "generation_defaults", None) or {}
 
     @property
     def max_model_len(self) -> int:

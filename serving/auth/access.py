@@ -98,9 +98,15 @@ def configure_audit_sinks(config, environ: Mapping[str, str] | None = None) -> N
     """The audit sinks `tessera serve` was given; none: the process log."""
     environ = os.environ if environ is None else environ
     token = environ.get("TESSERA_AUDIT_HTTP_TOKEN")
+    kms = None
+    if config.audit_encrypt_rotated:
+        from ops.kms import kms_from_uri
+
+        kms = kms_from_uri(config.kms)
     configure_audit(file=config.audit_file, max_bytes=config.audit_max_bytes, backup_count=config.audit_backup_count,
                     stdout=config.audit_stdout, http_url=config.audit_http_url,
-                    http_headers={"authorization": f"Bearer {token}"} if token else None)
+                    http_headers={"authorization": f"Bearer {token}"} if token else None,
+                    encrypt_rotated_with=kms)
 
 
 def auth_enabled(config, environ: Mapping[str, str]) -> bool:

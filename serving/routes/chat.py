@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from litestar import Controller, Request, post
+from litestar import Controller, Request, Response, post
 
 from models.chat_template import ChatTemplateError
 from runtime.outputs import TokenLogprob
@@ -26,6 +26,7 @@ from serving.protocol.chat import (
     ChatMessage,
     ChatResponseMessage,
 )
+from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
 from serving.state import ServerState
@@ -41,13 +42,18 @@ class ChatController(Controller):
     async def create(self, request: Request, data: ChatCompletionRequest, server: ServerState) -> ChatCompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        plain = plain_messages(data.messages)
+        guard = RequestGuard.for_request(server, request, "chat")
+        if guard is not None:
+            guard.refuse_logprobs(bool(data.logprobs))
+            plain = await guard.check_messages(plain)  # before the template and the tokenizer
         with tokenize_stage(request):
-            text = render_chat(server, data.messages, data.add_generation_prompt, data.chat_template_kwargs)
+            text = render_plain(server, plain, data.add_generation_prompt, data.chat_template_kwargs)
             ids = server.tokenizer.encode(text, add_special_tokens=False)
         requested = data.max_completion_tokens or data.max_tokens
         max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
         top = (data.top_logprobs or 0) if data.logprobs else None
-        params = sampling_params(data, max_tokens=max_tokens, logprobs=top)
+        params = sampling_params(data, max_tokens=max_tokens, logprobs=top, defaults=server.sampling_defaults)
         try:
             generation = start_generation(server, request, data, [ids], params, "messages", text)
         except APIError as e:
@@ -56,24 +62,30 @@ class ChatController(Controller):
             raise
         created, response_id = int(time.time()), f"chatcmpl-{generation.request_id}"
         if data.stream:
-            return sse_response(generation, _events(server, generation, data, response_id, created))
+            streams = guard.streams(data.n) if guard is not None else None
+            return sse_response(generation, _events(server, generation, data, response_id, created, streams),
+                                headers=guard.headers() if guard is not None else None)
         choices = await generation.choices(request)
-        return ChatCompletionResponse(
+        contents = ["".join(c.text) for c in choices]
+        if guard is not None:
+            contents = [await guard.check_output(content) for content in contents]
+        body = ChatCompletionResponse(
             id=response_id, created=created, model=server.model_name, usage=generation.usage(),
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content="".join(c.text)),
+                    message=ChatResponseMessage(content=content),
                     logprobs=_logprobs(server, c.logprobs, top) if top is not None else None,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 )
-                for c in choices
+                for c, content in zip(choices, contents, strict=True)
             ],
         )
+        return Response(body, headers=guard.headers()) if guard is not None else body
 
 
 async def _events(server: ServerState, generation: Generation, data: ChatCompletionRequest, response_id: str,
-                  created: int) -> AsyncIterator[bytes]:
+                  created: int, streams: list[ChoiceStream] | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
     top = (data.top_logprobs or 0) if data.logprobs else None
     model = server.model_name
@@ -86,10 +98,11 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
         yield chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
     async for _, output in generation.outputs():
         for o in output.outputs:
-            if not o.text and o.finish_reason is None and not o.logprobs:
-                continue  # text held back (a partial character or a possible stop string)
+            text = o.text if streams is None else streams[o.index].text(o.text, o.finish_reason is not None)
+            if not text and o.finish_reason is None and not o.logprobs:
+                continue  # text held back (a partial character, a possible stop string, a guardrail's window)
             logprobs = _logprobs(server, o.logprobs or [], top) if top is not None else None
-            delta = ChatDelta(content=o.text) if o.text or o.finish_reason is None else ChatDelta()
+            delta = ChatDelta(content=text) if text or o.finish_reason is None else ChatDelta()
             yield chunk([ChatChunkChoice(o.index, delta, logprobs, o.finish_reason, o.stop_reason)])
     if final_usage:
         yield sse_event(ChatCompletionChunk(response_id, created, model, [], generation.usage()))
@@ -98,7 +111,15 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
 def render_chat(server: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
                 template_kwargs: dict | None) -> str:
     """The prompt text from the model's chat template; ill-formed messages are a 400 naming the message."""
-    plain = [_plain_message(i, m) for i, m in enumerate(messages)]
+    return render_plain(server, plain_messages(messages), add_generation_prompt, template_kwargs)
+
+
+def plain_messages(messages: list[ChatMessage]) -> list[dict]:
+    return [_plain_message(i, m) for i, m in enumerate(messages)]
+
+
+def render_plain(server: ServerState, plain: list[dict], add_generation_prompt: bool,
+                 template_kwargs: dict | None) -> str:
     try:
         return server.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
                                                     **(template_kwargs or {}))

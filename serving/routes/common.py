@@ -59,11 +59,12 @@ def tokenize_stage(request: Request) -> Iterator[None]:
         record.tokenize_end = time.time()
 
 
-def sse_response(generation: Generation, events: AsyncIterator[bytes]) -> Stream:
+def sse_response(generation: Generation, events: AsyncIterator[bytes],
+                 headers: dict[str, str] | None = None) -> Stream:
     # The header, not media_type: Litestar lets the handler's JSON media type win over a Stream's.
     return Stream(_sse_body(generation, events), media_type="text/event-stream",
                   headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
-                           "x-accel-buffering": "no"})
+                           "x-accel-buffering": "no", **(headers or {})})
 
 
 async def _sse_body(generation: Generation, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

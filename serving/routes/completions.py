@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from litestar import Controller, Request, post
+from litestar import Controller, Request, Response, post
 
 from runtime.outputs import TokenLogprob
 from serving.auth.guard import needs
@@ -19,6 +19,7 @@ from serving.protocol.completions import (
     CompletionRequest,
     CompletionResponse,
 )
+from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
 from serving.state import ServerState
@@ -37,37 +38,50 @@ class CompletionsController(Controller):
     async def create(self, request: Request, data: CompletionRequest, server: ServerState) -> CompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        guard = RequestGuard.for_request(server, request, "completions")
+        items = _prompt_items(data.prompt)
+        if guard is not None:
+            guard.refuse_logprobs(data.logprobs is not None)
+            items = await _checked_items(server, guard, items, several=not _single_prompt(data.prompt))
         with tokenize_stage(request):
-            prompts, texts = _prompts(server, data.prompt)
-        params = sampling_params(data, max_tokens=data.max_tokens or DEFAULT_MAX_TOKENS, logprobs=data.logprobs)
+            prompts, texts = _encode(server, items)
+        params = sampling_params(data, max_tokens=data.max_tokens or DEFAULT_MAX_TOKENS, logprobs=data.logprobs,
+                                 defaults=server.sampling_defaults)
         generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts))
         created, response_id = int(time.time()), f"cmpl-{generation.request_id}"
         echo = texts if data.echo else None
         if data.stream:
-            return sse_response(generation, _events(server, generation, data, response_id, created, echo))
+            streams = guard.streams(len(prompts) * data.n) if guard is not None else None
+            return sse_response(generation, _events(server, generation, data, response_id, created, echo, streams),
+                                headers=guard.headers() if guard is not None else None)
         choices = await generation.choices(request)
-        return CompletionResponse(
+        texts_out = ["".join(c.text) for c in choices]
+        if guard is not None:
+            texts_out = [await guard.check_output(text) for text in texts_out]
+        body = CompletionResponse(
             id=response_id, created=created, model=server.model_name, usage=generation.usage(),
             choices=[
                 CompletionChoice(
                     index=c.index,
-                    text=(echo[c.index // data.n] if echo else "") + "".join(c.text),
+                    text=(echo[c.index // data.n] if echo else "") + text,
                     logprobs=_logprobs(server, c.logprobs, 0) if data.logprobs is not None else None,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 )
-                for c in choices
+                for c, text in zip(choices, texts_out, strict=True)
             ],
         )
+        return Response(body, headers=guard.headers()) if guard is not None else body
 
 
 async def _events(server: ServerState, generation: Generation, data: CompletionRequest, response_id: str,
-                  created: int, echo: list[str] | None) -> AsyncIterator[bytes]:
+                  created: int, echo: list[str] | None,
+                  streams: list[ChoiceStream] | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
     offsets: dict[int, int] = {}  # text offset of each choice so far
     async for prompt_index, output in generation.outputs():
         for o in output.outputs:
             index = prompt_index * data.n + o.index
-            text = o.text
+            text = o.text if streams is None else streams[index].text(o.text, o.finish_reason is not None)
             if index not in offsets:
                 offsets[index] = 0
                 if echo:
@@ -100,11 +114,10 @@ def _logprobs(server: ServerState, logprobs: list[TokenLogprob], offset: int) ->
     )
 
 
-def _prompts(server: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt: text, ids, a list of texts or a list of id lists."""
-    tokenizer = server.tokenizer
+def _prompt_items(prompt) -> list[str | list[int]]:
+    """Each prompt of a request: text, ids, a list of texts or a list of id lists (checked shapes)."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)], [prompt]
+        return [prompt]
     if not prompt:
         raise bad_request("prompt must not be empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
@@ -116,6 +129,30 @@ def _prompts(server: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
                           "token-id lists, not a mix", "prompt")
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"at most {MAX_PROMPTS} prompts in one request, got {len(items)}", "prompt")
+    return list(items)
+
+
+def _single_prompt(prompt) -> bool:
+    return isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
+
+
+async def _checked_items(server: ServerState, guard: RequestGuard, items: list[str | list[int]],
+                         several: bool) -> list[str | list[int]]:
+    """Each prompt through the input guardrails before it is tokenized. Token-id prompts are
+    detokenized for the check; they are kept as sent unless a guardrail rewrote the text,
+    which is then tokenized like a text prompt."""
+    checked: list[str | list[int]] = []
+    for i, item in enumerate(items):
+        param = f"prompt[{i}]" if several else "prompt"
+        text = item if isinstance(item, str) else _decode(server, item)
+        new_text = await guard.check_prompt(text, param)
+        checked.append(item if new_text == text else new_text)
+    return checked
+
+
+def _encode(server: ServerState, items: list[str | list[int]]) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt."""
+    tokenizer = server.tokenizer
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
     texts = [p if isinstance(p, str) else _decode(server, p) for p in items]
     return ids, texts

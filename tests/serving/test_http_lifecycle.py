@@ -152,6 +152,7 @@ def test_tessera_serve_drains_on_a_real_sigterm(tiny_model, tmp_path):
     env = {**os.environ, "TESSERA_MODEL": str(tiny_model), "TESSERA_PORT": "0", "TESSERA_SERVED_MODEL_NAME": "sub",
            "TESSERA_MAX_NUM_SEQS": "4", "TESSERA_MAX_NUM_BATCHED_TOKENS": "8", "TESSERA_MAX_MODEL_LEN": "128",
            "TESSERA_TOKEN_BUCKETS": "8", "TESSERA_NUM_BLOCKS": "64", "TESSERA_WARM_UP": "false",
+           "TESSERA_ALLOW_UNSIGNED": "true",  # a test checkpoint, unsigned
            "TESSERA_LOG_FILE": str(tmp_path / "log.jsonl"), "TESSERA_DRAIN_TIMEOUT_S": "30"}
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port)], env=env,
