@@ -59,7 +59,7 @@ def test_file_store_atomic_private_and_shared_between_instances(tmp_path):
     run(one.add(record))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert [r.key_id for r in run(two.list())] == [record.key_id]  # another process's view, re-read
-    assert key.split("_")[2] not in path.read_text()
+    assert key.split("_", 2)[2] not in path.read_text()
     _, record2 = new_key("beta", ["generate"])
     run(two.add(record2))
     run(one.revoke(record.key_id))
