@@ -12,6 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from runtime.backend import ATTENTION_BACKENDS
 from runtime.config import EngineConfig
 
 ENV_PREFIX = "TESSERA_"
@@ -33,6 +34,9 @@ class ServerConfig:
         None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
     tensor_parallel: int = _setting(1, "devices to shard heads, MLP and KV cache over")
+    attention: str | None = _setting(
+        None, "attention implementation: pallas (the GPU kernel), reference (XLA, any device) or "
+              "pallas_interpret (the kernel interpreted, slow); default: pallas on GPUs, reference on CPU")
     # -- the engine ---------------------------------------------------------------------------
     max_num_seqs: int = _setting(16, "sequences the engine runs in one step")
     max_model_len: int | None = _setting(None, "prompt plus output tokens per sequence; default: the model's")
@@ -109,6 +113,8 @@ class ServerConfig:
         _require(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "must be >= 1024")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
+                 f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
@@ -168,6 +174,7 @@ class ServerConfig:
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
             token_buckets=buckets,
+            attention_backend=self.attention,
         )
 
     def tenant_sample_ratios(self) -> dict[str, float]:

@@ -39,12 +39,15 @@ def test_a_flag_wins_over_the_environment_which_wins_over_the_default():
     assert config.host == "127.0.0.1" and config.max_queue == 64  # defaults
     engine = config.engine_config()
     assert (engine.max_num_seqs, engine.enable_prefix_caching, engine.kv_cache_memory_bytes) == (32, False, 2**29)
+    assert engine.attention_backend is None  # chosen by device at start-up
+    assert ServerConfig.from_sources(_serve_args([]), {"TESSERA_ATTENTION": "reference"}).engine_config().attention_backend == "reference"
 
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"TESSERA_PORT": "eighty"}, "TESSERA_PORT='eighty' must be int"),
     ({"TESSERA_LOG_PROMPTS": "maybe"}, "TESSERA_LOG_PROMPTS='maybe' must be true or false"),
     ({"TESSERA_LOG_LEVEL": "loud"}, "log_level='loud' must be one of"),
+    ({"TESSERA_ATTENTION": "triton"}, "attention='triton' must be one of pallas, reference, pallas_interpret"),
     ({"TESSERA_MAX_QUEUE": "-1"}, "max_queue=-1 must be >= 0"),
     ({"TESSERA_LOG_TENANT_SAMPLE_RATIOS": "acme=2"}, "log_tenant_sample_ratios='acme=2'"),
     ({"TESSERA_TOKEN_BUCKETS": "8,x"}, "token_buckets='8,x' must be comma-separated integers"),
