@@ -143,23 +143,37 @@ def _decode_tokens(qf, k_pages, v_pages, tables, context_lens, query_start_loc, 
 
 
 def _chunk(window, s, qf, k_pages, v_pages, tables, context_lens, query_start_loc, q_len, g: _Geometry, scores_fn, out):
-    """Sequence s's chunk (at most `window` queries) against its context, tile by tile."""
+    """Sequence s's chunk (at most `window` queries) against its context, tile by tile.
+
+    Laid out per KV head as [kv_heads, window * group, head_dim] query rows (row = token *
+    group + head in group), so each tile is one batched [rows, D] x [D, keys] product per KV
+    head rather than a product over interleaved token and head axes."""
     start, n, kv_len = query_start_loc[s], q_len[s], context_lens[s]
+    rows = window * g.group
     qs = jax.lax.dynamic_slice_in_dim(qf, start, window).reshape(window, g.kv_heads, g.group, g.head_dim)
-    q_pos = kv_len - n + jnp.arange(window, dtype=jnp.int32)
-    lens = jnp.full((window,), kv_len)
+    qs = qs.transpose(1, 0, 2, 3).reshape(g.kv_heads, rows, g.head_dim)
+    q_pos = jnp.repeat(kv_len - n + jnp.arange(window, dtype=jnp.int32), g.group)
+    lens = jnp.full((rows,), kv_len)
     row = tables[s]
 
     def visit(j, carry):
         ids = jax.lax.dynamic_slice_in_dim(row, j * g.pages_per_tile, g.pages_per_tile)
-        k = k_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
-        v = v_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32)
+        k = k_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32).transpose(1, 0, 2)
+        v = v_pages[ids].reshape(g.tile, g.kv_heads, g.head_dim).astype(jnp.float32).transpose(1, 0, 2)
         k_pos = j * g.tile + jnp.arange(g.tile, dtype=jnp.int32)
-        scores = jnp.einsum("wkgd,ckd->kgwc", qs, k)
+        scores = jnp.einsum("kmd,kcd->kmc", qs, k)
         scores, visible = scores_fn(scores, q_pos, k_pos, lens)
-        return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kgwc,ckd->kgwd", p, v))
+        return _online_softmax_update(carry, scores, visible, lambda p: jnp.einsum("kmc,kcd->kmd", p, v))
 
-    result = _normalized(jax.lax.fori_loop(0, (kv_len + g.tile - 1) // g.tile, visit, _softmax_start(g, window)), g)
+    start_state = (
+        jnp.zeros((g.kv_heads, rows, g.head_dim), jnp.float32),
+        jnp.full((g.kv_heads, rows), _NEG_INF, jnp.float32),
+        jnp.zeros((g.kv_heads, rows), jnp.float32),
+    )
+    acc, _, row_sum = jax.lax.fori_loop(0, (kv_len + g.tile - 1) // g.tile, visit, start_state)
+    result = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+    result = result.reshape(g.kv_heads, window, g.group, g.head_dim).transpose(1, 0, 2, 3)
+    result = result.reshape(window, g.kv_heads * g.group, g.head_dim)
     current = jax.lax.dynamic_slice_in_dim(out, start, window)
     mine = (jnp.arange(window) < n)[:, None, None]
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, result, current), start, axis=0)
