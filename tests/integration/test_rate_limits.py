@@ -143,7 +143,7 @@ def _serve_process(tiny_model, redis_url: str, audit_file: Path) -> tuple[subpro
            "TESSERA_TOKEN_BUCKETS": "8", "TESSERA_NUM_BLOCKS": "64", "TESSERA_WARM_UP": "false",
            "TESSERA_API_KEY": ADMIN_KEY, "TESSERA_KEY_STORE": redis_url, "TESSERA_REDIS_URL": redis_url,
            "TESSERA_TENANT_RATE_LIMITS": "acme=4:,beta=:30", "TESSERA_AUDIT_FILE": str(audit_file),
-           "TESSERA_LOG_LEVEL": "warning"}
+           "TESSERA_LOG_LEVEL": "warning", "TESSERA_ALLOW_UNSIGNED": "true"}  # a random, unsigned checkpoint
     process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port)], env=env,
                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -189,7 +189,9 @@ def test_limits_hold_across_two_processes_sharing_redis(tiny_model, redis_url, t
                 process.kill()
     lines = [json.loads(x) for x in (tmp_path / "audit0.jsonl").read_text().splitlines()]
     actions = [x["action"] for x in lines]
-    assert actions[0] == "config.load" and "model.load" in actions and actions[-1] == "model.unload"
+    # The unsigned model is audited before anything loads; then the configuration and the model.
+    assert actions[:2] == ["model.load_unsigned", "config.load"]
+    assert "model.load" in actions and actions[-1] == "model.unload"
     created = [x for x in lines if x["action"] == "key.create"]
     assert len(created) == 1 and created[0]["tenant"] == "acme" and created[0]["actor"] == "key:bootstrap"
     assert ADMIN_KEY not in (tmp_path / "audit0.jsonl").read_text()
