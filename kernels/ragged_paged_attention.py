@@ -166,14 +166,18 @@ def _merge_splits(acc, row_max, row_sum):
     return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def _work_spans(query_start_loc, block_q: int):
+    """Each sequence's work items are [starts[s], ends[s]): ceil(q_len / block_q) of them."""
+    q_len = query_start_loc[1:] - query_start_loc[:-1]
+    ends = jnp.cumsum((q_len + block_q - 1) // block_q)
+    return ends - (q_len + block_q - 1) // block_q, ends
+
+
 def _work_items(query_start_loc, context_lens, block_q: int, num_work: int) -> Int[Array, "work 5"]:
     """[num_work, 5] int32 rows (seq, first token, end token, kv_len, position offset); the
     rows past the batch's real work have kv_len 0, so their programs read nothing."""
     num_seqs = context_lens.shape[0]
-    q_len = query_start_loc[1:] - query_start_loc[:-1]
-    blocks = (q_len + block_q - 1) // block_q
-    ends = jnp.cumsum(blocks)
-    starts = ends - blocks
+    starts, ends = _work_spans(query_start_loc, block_q)
     w = jnp.arange(num_work, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(ends, w, side="right"), 0, num_seqs - 1).astype(jnp.int32)
     real = w < ends[-1]
@@ -265,9 +269,7 @@ def _tokens_from_slabs(slabs, work, query_start_loc, num_tokens: int, group: int
     num_work, num_kv_heads, _, head_dim = slabs.shape
     num_seqs = query_start_loc.shape[0] - 1
     per_token = slabs[:, :, : block_q * group].reshape(num_work, num_kv_heads, block_q, group, head_dim)
-    q_len = query_start_loc[1:] - query_start_loc[:-1]
-    ends = jnp.cumsum((q_len + block_q - 1) // block_q)
-    starts = ends - (q_len + block_q - 1) // block_q
+    starts, _ = _work_spans(query_start_loc, block_q)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], t, side="right"), 0, num_seqs - 1)
     offset = t - query_start_loc[seq]

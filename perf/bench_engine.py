@@ -14,6 +14,7 @@ another process uses the cores). llama.cpp needs `pip install -e '.[perf]'`.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import platform
 import statistics
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.engine_timing import step_marks  # noqa: E402
 
 SHAPES = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -133,15 +136,7 @@ def bench_tessera(folder: Path, dtype: str) -> Row:
     print(f"  tessera {dtype}: warm-up compiled in {engine.warm_up():.1f}s", file=sys.stderr)
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
 
-    def run(batch: list[list[int]], p: SamplingParams) -> list[float]:
-        """Wall-clock time of every step that produced tokens."""
-        for i, ids in enumerate(batch):
-            engine.add_request(ids, p, request_id=f"b{i}")
-        t0, marks = time.perf_counter(), []
-        while engine.has_unfinished():
-            if engine.step():
-                marks.append(time.perf_counter() - t0)
-        return marks
+    run = functools.partial(step_marks, engine)
 
     decode = []
     for seed in range(3):

@@ -17,6 +17,7 @@ systems:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perf.engine_timing import step_marks  # noqa: E402
 from perf.random_model import SHAPES  # noqa: E402
 
 PROMPT = 128
@@ -83,15 +85,7 @@ def bench_tessera(args, raw: dict) -> dict:
     print(f"tessera {args.shape}: weights {param_bytes / 2**30:.2f} GiB made in {made_s:.1f}s, "
           f"attention={engine.runner.attention_backend}, warm-up {warm_s:.1f}s", flush=True)
 
-    def run(batch, params) -> list[float]:
-        """Seconds from submission to each step that produced tokens."""
-        for i, ids in enumerate(batch):
-            engine.add_request(ids, params, request_id=f"r{time.perf_counter_ns()}-{i}")
-        t0, marks = time.perf_counter(), []
-        while engine.has_unfinished():
-            if engine.step():
-                marks.append(time.perf_counter() - t0)
-        return marks
+    run = functools.partial(step_marks, engine)
 
     vocab = raw["vocab_size"]
     greedy = dict(temperature=0.0, ignore_eos=True)
