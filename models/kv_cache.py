@@ -27,7 +27,7 @@ class AttentionMetadata:
     block_tables: Int[HostOrDevice, "seqs max_blocks"]  # page ids of each sequence, in order
     context_lens: Int[HostOrDevice, " seqs"]  # cached tokens per sequence after this step's writes
     query_start_loc: Int[HostOrDevice, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
-    # Static: which implementation attends ("reference", "pallas", "pallas_interpret"); see
+    # Static: which implementation attends ("reference", "cpu", "pallas", "pallas_interpret"); see
     # runtime/backend.py. Part of the pytree's structure, so each choice compiles once.
     backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
     # Static: the tensor-parallel mesh when a Pallas kernel must run per device under

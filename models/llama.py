@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels.paged_kv_write import write_kv_pages_ref
 from kernels.ragged_paged_attention import ragged_paged_attention
+from kernels.ragged_paged_attention_cpu import ragged_paged_attention_cpu
 from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
@@ -28,6 +29,7 @@ from models.sharding import MODEL_AXIS
 _ATTENTION = {
     "reference": ragged_paged_attention_ref,
     "pallas": ragged_paged_attention,
+    "cpu": ragged_paged_attention_cpu,
     "pallas_interpret": functools.partial(ragged_paged_attention, interpret=True),
 }
 

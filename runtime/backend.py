@@ -1,7 +1,9 @@
 """Which attention implementation the engine runs, chosen and checked once at start-up.
 
 - `pallas`: the Pallas kernel lowered through Triton, for CUDA GPUs (the default there);
-- `reference`: the pure-jnp reference, which XLA compiles for any device (the default on CPU);
+- `cpu`: the C++ kernel for CPUs (`kernels/cpu/`), compiled on first use with the machine's
+  C++ compiler (the default on CPU when it builds; otherwise `reference`, with a warning);
+- `reference`: the pure-jnp reference, which XLA compiles for any device;
 - `pallas_interpret`: the kernel run by the Pallas interpreter on any device, for tests and
   debugging (slow).
 `TESSERA_ATTENTION` forces one. A choice that cannot run on this device or model fails here,
@@ -15,9 +17,10 @@ import os
 import jax
 
 from kernels.ragged_paged_attention import UnsupportedAttentionShape, check_supported
+from kernels.ragged_paged_attention_cpu import available as cpu_kernel_available
 from models.config import ModelConfig
 
-ATTENTION_BACKENDS = ("pallas", "reference", "pallas_interpret")
+ATTENTION_BACKENDS = ("pallas", "cpu", "reference", "pallas_interpret")
 ENV_VAR = "TESSERA_ATTENTION"
 
 
@@ -30,7 +33,7 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
     choice = requested or os.environ.get(ENV_VAR) or None
     platform = platform or jax.default_backend()
     if choice is None:
-        choice = "pallas" if platform == "gpu" else "reference"
+        choice = "pallas" if platform == "gpu" else ("cpu" if cpu_kernel_available() else "reference")
     if choice not in ATTENTION_BACKENDS:
         raise BackendError(f"attention backend {choice!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if choice == "pallas" and platform != "gpu":
@@ -38,6 +41,12 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
             f"attention backend 'pallas' needs a CUDA GPU, but jax's backend here is {platform!r}; "
             f"use 'reference' (or 'pallas_interpret' to run the kernel slowly in the interpreter)"
         )
+    if choice == "cpu":
+        if platform != "cpu":
+            raise BackendError(f"attention backend 'cpu' runs on CPUs only, but jax's backend here is {platform!r}")
+        if not cpu_kernel_available():
+            raise BackendError("attention backend 'cpu' is unavailable: its C++ library did not build (see the "
+                               "warning above; it needs g++); use 'reference'")
     if choice.startswith("pallas"):
         try:
             check_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, kv_dtype)
@@ -49,3 +58,9 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
                 f"({cfg.num_kv_heads}) split evenly over the devices; choose a tensor-parallel size that divides them"
             )
     return choice
+
+
+def runs_per_device(backend: str) -> bool:
+    """Custom-call backends, which XLA cannot partition: with tensor parallelism each device
+    runs them on its own KV heads under shard_map."""
+    return backend in ("pallas", "pallas_interpret", "cpu")

@@ -20,7 +20,7 @@ from flax import nnx
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
-from runtime.backend import resolve_attention_backend
+from runtime.backend import resolve_attention_backend, runs_per_device
 from runtime.request import Sequence
 from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
 from runtime.scheduler import SchedulerOutput
@@ -60,7 +60,7 @@ class Runner:
             attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform,
             tensor_parallel=model.mesh.size,
         )
-        kernel_per_device = self.attention_backend.startswith("pallas") and model.mesh.size > 1
+        kernel_per_device = runs_per_device(self.attention_backend) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs

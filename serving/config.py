@@ -35,8 +35,9 @@ class ServerConfig:
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
     tensor_parallel: int = _setting(1, "devices to shard heads, MLP and KV cache over")
     attention: str | None = _setting(
-        None, "attention implementation: pallas (the GPU kernel), reference (XLA, any device) or "
-              "pallas_interpret (the kernel interpreted, slow); default: pallas on GPUs, reference on CPU")
+        None, "attention implementation: pallas (the GPU kernel), cpu (the C++ CPU kernel), reference "
+              "(XLA, any device) or pallas_interpret (the kernel interpreted, slow); default: pallas on GPUs, "
+              "cpu on CPUs (reference if it cannot be built)")
     # -- the engine ---------------------------------------------------------------------------
     max_num_seqs: int = _setting(16, "sequences the engine runs in one step")
     max_model_len: int | None = _setting(None, "prompt plus output tokens per sequence; default: the model's")

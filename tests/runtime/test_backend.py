@@ -20,7 +20,7 @@ def head64(tmp_path_factory):
 def test_defaults_follow_the_device(head64, monkeypatch):
     monkeypatch.delenv("TESSERA_ATTENTION", raising=False)
     cfg = ModelConfig.from_dir(head64)
-    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="cpu") == "reference"
+    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="cpu") == "cpu"
     assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "pallas"
     monkeypatch.setenv("TESSERA_ATTENTION", "reference")
     assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "reference"
@@ -30,7 +30,8 @@ def test_defaults_follow_the_device(head64, monkeypatch):
     "requested, platform, page, message",
     [
         ("pallas", "cpu", 16, "'pallas' needs a CUDA GPU, but jax's backend here is 'cpu'"),
-        ("triton", "gpu", 16, "'triton' is unknown; choose one of pallas, reference, pallas_interpret"),
+        ("triton", "gpu", 16, "'triton' is unknown; choose one of pallas, cpu, reference, pallas_interpret"),
+        ("cpu", "gpu", 16, "'cpu' runs on CPUs only, but jax's backend here is 'gpu'"),
         ("pallas", "gpu", 4, "cannot serve this model: page size 4"),
     ],
 )
@@ -44,11 +45,22 @@ def test_engine_refuses_pallas_on_cpu_before_serving(head64):
         Engine.from_model_dir(head64, config=EngineConfig(block_size=8, num_blocks=16, attention_backend="pallas"))
 
 
-def test_engine_on_the_interpreted_kernel_gives_the_reference_tokens(head64):
+def test_cpu_default_falls_back_to_the_reference_when_the_kernel_cannot_build(head64, monkeypatch):
+    import runtime.backend as backend
+
+    monkeypatch.delenv("TESSERA_ATTENTION", raising=False)
+    monkeypatch.setattr(backend, "cpu_kernel_available", lambda: False)
+    cfg = ModelConfig.from_dir(head64)
+    assert resolve_attention_backend(None, cfg, "float32", 16, platform="cpu") == "reference"
+    with pytest.raises(BackendError, match="'cpu' is unavailable: its C\\+\\+ library did not build"):
+        resolve_attention_backend("cpu", cfg, "float32", 16, platform="cpu")
+
+
+def test_engine_on_the_kernels_gives_the_reference_tokens(head64):
     prompts = [[5, 9, 200, 17, 3, 44, 81, 2, 9, 10, 11], [300, 301], [7] * 20]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     results = {}
-    for backend in ("reference", "pallas_interpret"):
+    for backend in ("reference", "cpu", "pallas_interpret"):
         engine = Engine.from_model_dir(head64, config=EngineConfig(
             block_size=8, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(4, 16),
             attention_backend=backend))
@@ -57,4 +69,5 @@ def test_engine_on_the_interpreted_kernel_gives_the_reference_tokens(head64):
         done = engine.run_to_completion()
         results[backend] = [done[rid][0].token_ids for rid in sorted(done)]
     assert results["pallas_interpret"] == results["reference"]
+    assert results["cpu"] == results["reference"]
     assert all(len(t) == 6 for t in results["reference"])

@@ -47,7 +47,7 @@ def test_a_flag_wins_over_the_environment_which_wins_over_the_default():
     ({"TESSERA_PORT": "eighty"}, "TESSERA_PORT='eighty' must be int"),
     ({"TESSERA_LOG_PROMPTS": "maybe"}, "TESSERA_LOG_PROMPTS='maybe' must be true or false"),
     ({"TESSERA_LOG_LEVEL": "loud"}, "log_level='loud' must be one of"),
-    ({"TESSERA_ATTENTION": "triton"}, "attention='triton' must be one of pallas, reference, pallas_interpret"),
+    ({"TESSERA_ATTENTION": "triton"}, "attention='triton' must be one of pallas, cpu, reference, pallas_interpret"),
     ({"TESSERA_MAX_QUEUE": "-1"}, "max_queue=-1 must be >= 0"),
     ({"TESSERA_LOG_TENANT_SAMPLE_RATIOS": "acme=2"}, "log_tenant_sample_ratios='acme=2'"),
     ({"TESSERA_TOKEN_BUCKETS": "8,x"}, "token_buckets='8,x' must be comma-separated integers"),

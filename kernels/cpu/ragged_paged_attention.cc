@@ -1,0 +1,384 @@
+// Ragged paged attention for CPUs, as an XLA FFI custom call.
+//
+// Same contract as kernels/ragged_paged_attention_ref.py: q [tokens, heads, D]; pages
+// [pages, page_size, kv_heads, D]; sequence s owns query tokens [qsl[s], qsl[s+1]), which
+// are the last q_len of its context_lens[s] cached tokens; tokens past qsl[seqs] are padding
+// and get zeros. Sliding window (0 = none) and soft-cap (0 = none) as in the reference.
+//
+// Why it exists: in the jnp reference a decode step is a loop of a dozen small XLA ops per
+// layer (gathers, einsums, masks), each a few microseconds of runtime overhead that dwarfs
+// the arithmetic; here one call does a layer, split over XLA's intra-op threads.
+//
+// Shape of the work: one item per (sequence, KV head, run of up to kQueryTile query tokens).
+// An item holds its query rows (token x head-in-group) and streams the sequence's keys in
+// tiles of kKeyTile: the tile's keys are gathered from their pages transposed to
+// [D, kKeyTile], so a score row is D broadcast-multiply-adds over a contiguous vector, and
+// values are gathered [kKeyTile, D] for the same reason. Keys a causal query cannot see are
+// never visited (tiles stop at the item's last query position).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kKeyTile = 64;
+constexpr int kQueryTile = 16;
+constexpr float kMasked = -1e30f;
+
+inline float Bf16ToF32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Element types as stored: float32 as float, bfloat16 as its 16 bits.
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t x) { return Bf16ToF32(x); }
+inline void Store(float x, float* p) { *p = x; }
+inline void Store(float x, uint16_t* p) { *p = F32ToBf16(x); }
+
+struct Problem {
+  const void *q, *k, *v;
+  void* out;
+  const int32_t* tables;
+  const int32_t* context_lens;
+  const int32_t* qsl;  // query_start_loc, clamped to [0, tokens] and non-decreasing
+  int64_t tokens, heads, kv_heads, group, dim, page_size, num_pages, seqs, max_blocks;
+  float sm_scale, soft_cap;
+  int32_t window;
+};
+
+struct WorkItem {
+  int32_t seq, kv_head, first, count;  // query tokens [first, first + count) of seq
+};
+
+// Per-thread scratch, reused across items and calls.
+struct Scratch {
+  std::vector<float> q, kt, v, scores, acc, row_max, row_sum;
+  void Fit(int64_t rows, int64_t dim) {
+    q.resize(rows * dim);
+    kt.resize(dim * kKeyTile);
+    v.resize(kKeyTile * dim);
+    scores.resize(rows * kKeyTile);
+    acc.resize(rows * dim);
+    row_max.resize(rows);
+    row_sum.resize(rows);
+  }
+};
+
+// 16 floats, one AVX-512 register (two AVX2 ones where that is all the CPU has): GCC's
+// vector extension keeps the register blocking below explicit and portable.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int kTileVecs = kKeyTile / kLanes;
+
+inline Vec LoadVec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void StoreVec(const Vec& v, float* p) { std::memcpy(p, &v, sizeof(v)); }
+
+// scores[r, :] = sum_d q[r, d] * kt[d, :] for R rows: R x kTileVecs accumulators stay in
+// registers while the tile's key lanes stream past once.
+template <int R>
+inline void ScoreRows(const float* q, const float* kt, int64_t dim, float* scores) {
+  Vec acc[R][kTileVecs] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    Vec k[kTileVecs];
+    for (int j = 0; j < kTileVecs; ++j) k[j] = LoadVec(kt + d * kKeyTile + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float qd = q[r * dim + d];
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] += qd * k[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTileVecs; ++j) StoreVec(acc[r][j], scores + r * kKeyTile + j * kLanes);
+}
+
+// acc[r, d0 : d0 + NV * 16] += sum_c p[r, c] * v[c, d0 : ...] for R rows, the slice of the
+// accumulator held in registers over all the tile's keys.
+template <int R, int NV>
+inline void AccumulateSlice(const float* p, const float* v, int64_t dim, int keys, int64_t d0, float* acc) {
+  Vec a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) a[r][j] = LoadVec(acc + r * dim + d0 + j * kLanes);
+  for (int c = 0; c < keys; ++c) {
+    Vec vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = LoadVec(v + c * dim + d0 + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float pc = p[r * kKeyTile + c];
+      for (int j = 0; j < NV; ++j) a[r][j] += pc * vv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) StoreVec(a[r][j], acc + r * dim + d0 + j * kLanes);
+}
+
+template <int R>
+inline void AccumulateRows(const float* p, const float* v, int64_t dim, int keys, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 4 * kLanes <= dim; d0 += 4 * kLanes) AccumulateSlice<R, 4>(p, v, dim, keys, d0, acc);
+  for (; d0 + kLanes <= dim; d0 += kLanes) AccumulateSlice<R, 1>(p, v, dim, keys, d0, acc);
+  for (; d0 < dim; ++d0) {  // head_dim not a multiple of 16
+    for (int c = 0; c < keys; ++c)
+      for (int r = 0; r < R; ++r) acc[r * dim + d0] += p[r * kKeyTile + c] * v[c * dim + d0];
+  }
+}
+
+// Rows [r, r + R) of the item: scores against the tile, or values into the accumulator.
+inline void ScoreAll(int64_t rows, const float* q, const float* kt, int64_t dim, float* scores) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) ScoreRows<4>(q + r * dim, kt, dim, scores + r * kKeyTile);
+  switch (rows - r) {  // decode items have `group` rows: 1 to 8
+    case 3: ScoreRows<3>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
+    case 2: ScoreRows<2>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
+    case 1: ScoreRows<1>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
+    default: break;
+  }
+}
+
+inline void AccumulateAll(int64_t rows, const float* p, const float* v, int64_t dim, int keys, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) AccumulateRows<4>(p + r * kKeyTile, v, dim, keys, acc + r * dim);
+  switch (rows - r) {
+    case 3: AccumulateRows<3>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
+    case 2: AccumulateRows<2>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
+    case 1: AccumulateRows<1>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
+    default: break;
+  }
+}
+
+template <typename QT, typename KT>
+void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
+  const QT* qin = static_cast<const QT*>(pb.q);
+  const KT* kin = static_cast<const KT*>(pb.k);
+  const KT* vin = static_cast<const KT*>(pb.v);
+  QT* out = static_cast<QT*>(pb.out);
+  const int64_t D = pb.dim, G = pb.group, rows = static_cast<int64_t>(item.count) * G;
+  const int32_t q_start = pb.qsl[item.seq], q_len = pb.qsl[item.seq + 1] - q_start;
+  const int64_t max_keys = pb.max_blocks * pb.page_size;
+  const int64_t kv_len = std::min<int64_t>(std::max(pb.context_lens[item.seq], 0), max_keys);
+  // Query i of the sequence sits at position kv_len - q_len + i.
+  const int64_t first_pos = kv_len - q_len + (item.first - q_start);
+  s.Fit(rows, D);
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = item.first + r / G, head = item.kv_head * G + r % G;
+    const int64_t base = (token * pb.heads + head) * D;
+    for (int64_t d = 0; d < D; ++d) s.q[r * D + d] = ToFloat(qin[base + d]) * pb.sm_scale;
+  }
+  std::fill(s.acc.begin(), s.acc.begin() + rows * D, 0.0f);
+  std::fill(s.row_max.begin(), s.row_max.begin() + rows, kMasked);
+  std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
+
+  const int64_t last_pos = first_pos + item.count - 1;
+  const int64_t key_end = std::min(kv_len, last_pos + 1);
+  const int64_t key_begin = pb.window > 0 ? std::max<int64_t>(0, first_pos - pb.window + 1) : 0;
+  const int32_t* table = pb.tables + static_cast<int64_t>(item.seq) * pb.max_blocks;
+
+  for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
+    const int keys = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - k0));
+    for (int c = 0; c < kKeyTile; ++c) {
+      if (c >= keys) {
+        for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyTile + c] = 0.0f;
+        continue;
+      }
+      const int64_t key = k0 + c;
+      const int64_t page = std::clamp<int64_t>(table[key / pb.page_size], 0, pb.num_pages - 1);
+      const int64_t at = ((page * pb.page_size + key % pb.page_size) * pb.kv_heads + item.kv_head) * D;
+      for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyTile + c] = ToFloat(kin[at + d]);
+      if constexpr (std::is_same_v<KT, float>) {
+        std::memcpy(&s.v[c * D], vin + at, D * sizeof(float));
+      } else {
+        for (int64_t d = 0; d < D; ++d) s.v[c * D + d] = ToFloat(vin[at + d]);
+      }
+    }
+    ScoreAll(rows, s.q.data(), s.kt.data(), D, s.scores.data());
+
+    for (int64_t r = 0; r < rows; ++r) {
+      // This row sees tile columns [lo, hi): keys at or before its position, inside the window.
+      const int64_t pos = first_pos + r / G;
+      const int lo = pb.window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - pb.window + 1 - k0, 0, keys)) : 0;
+      const int hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - k0, 0, keys));
+      float* row = &s.scores[r * kKeyTile];
+      if (hi <= lo) {
+        std::fill(row, row + kKeyTile, 0.0f);
+        continue;
+      }
+      // Plain loops over contiguous lanes, so that GCC vectorises them (tanh and exp included).
+      if (pb.soft_cap > 0.0f) {
+        const float cap = pb.soft_cap, inv_cap = 1.0f / pb.soft_cap;
+        for (int c = lo; c < hi; ++c) row[c] = cap * std::tanh(row[c] * inv_cap);
+      }
+      float tile_max = kMasked;
+      for (int c = lo; c < hi; ++c) tile_max = std::max(tile_max, row[c]);
+      const float new_max = std::max(s.row_max[r], tile_max);
+      float total = 0.0f;
+      for (int c = lo; c < hi; ++c) {
+        row[c] = std::exp(row[c] - new_max);
+        total += row[c];
+      }
+      std::fill(row, row + lo, 0.0f);
+      std::fill(row + hi, row + kKeyTile, 0.0f);
+      const float rescale = std::exp(s.row_max[r] - new_max);
+      if (rescale != 1.0f) {
+        for (int64_t d = 0; d < D; ++d) s.acc[r * D + d] *= rescale;
+      }
+      s.row_sum[r] = s.row_sum[r] * rescale + total;
+      s.row_max[r] = new_max;
+    }
+    AccumulateAll(rows, s.scores.data(), s.v.data(), D, keys, s.acc.data());
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = item.first + r / G, head = item.kv_head * G + r % G;
+    const int64_t base = (token * pb.heads + head) * D;
+    const float inv = s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) Store(s.acc[r * D + d] * inv, out + base + d);
+  }
+}
+
+// Runs fn(0..n-1) on the calling thread and the pool's threads. The caller waits only for
+// items that some thread has claimed, never for a helper task to start, so a busy pool
+// cannot deadlock it; helpers that start late find nothing left and return.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto drain = [shared, n, &fn] {
+    for (;;) {
+      const int64_t i = shared->next.fetch_add(1);
+      if (i >= n) return;
+      fn(i);
+      if (shared->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = drain;  // Schedule takes ownership of a copy
+    pool.Schedule(std::move(task));
+  }
+  drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == n; });
+}
+
+bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
+                                ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> block_tables,
+                                ffi::Buffer<ffi::S32> context_lens, ffi::Buffer<ffi::S32> query_start_loc,
+                                ffi::Result<ffi::AnyBuffer> out, float sm_scale, int32_t sliding_window,
+                                float soft_cap) {
+  const auto qd = q.dimensions(), kd = k_pages.dimensions(), td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: q must be rank 3, pages rank 4, tables rank 2");
+  }
+  if (!IsFloat(q.element_type()) || !IsFloat(k_pages.element_type()) ||
+      k_pages.element_type() != v_pages.element_type() || out->element_type() != q.element_type()) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: float32 or bfloat16 only; k and v alike");
+  }
+  Problem pb;
+  pb.tokens = qd[0];
+  pb.heads = qd[1];
+  pb.dim = qd[2];
+  pb.num_pages = kd[0];
+  pb.page_size = kd[1];
+  pb.kv_heads = kd[2];
+  pb.seqs = td[0];
+  pb.max_blocks = td[1];
+  if (kd[3] != pb.dim || pb.kv_heads <= 0 || pb.heads % pb.kv_heads != 0 || pb.page_size <= 0 ||
+      context_lens.element_count() != pb.seqs || query_start_loc.element_count() != pb.seqs + 1) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: inconsistent shapes");
+  }
+  pb.group = pb.heads / pb.kv_heads;
+  pb.q = q.untyped_data();
+  pb.k = k_pages.untyped_data();
+  pb.v = v_pages.untyped_data();
+  pb.out = out->untyped_data();
+  const bool q_bf16 = q.element_type() == ffi::DataType::BF16, kv_bf16 = k_pages.element_type() == ffi::DataType::BF16;
+  auto* run = q_bf16 ? (kv_bf16 ? &RunItem<uint16_t, uint16_t> : &RunItem<uint16_t, float>)
+                     : (kv_bf16 ? &RunItem<float, uint16_t> : &RunItem<float, float>);
+  pb.tables = block_tables.typed_data();
+  pb.context_lens = context_lens.typed_data();
+  pb.sm_scale = sm_scale;
+  pb.soft_cap = soft_cap;
+  pb.window = sliding_window;
+  std::memset(pb.out, 0, out->size_bytes());
+  if (pb.num_pages == 0) return ffi::Error::Success();
+
+  // Clamp the starts so a malformed batch cannot index past the query array.
+  std::vector<int32_t> qsl(pb.seqs + 1);
+  int32_t prev = 0;
+  for (int64_t i = 0; i <= pb.seqs; ++i) {
+    prev = std::clamp<int32_t>(query_start_loc.typed_data()[i], prev, static_cast<int32_t>(pb.tokens));
+    qsl[i] = prev;
+  }
+  pb.qsl = qsl.data();
+
+  std::vector<WorkItem> items;
+  for (int32_t s = 0; s < pb.seqs; ++s) {
+    for (int32_t first = qsl[s]; first < qsl[s + 1]; first += kQueryTile) {
+      const int32_t count = std::min(kQueryTile, qsl[s + 1] - first);
+      for (int32_t h = 0; h < pb.kv_heads; ++h) items.push_back({s, h, first, count});
+    }
+  }
+  // Longest items first (later query runs see more keys), so the last to finish are short.
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
+    return pb.context_lens[a.seq] - (qsl[a.seq + 1] - a.first) > pb.context_lens[b.seq] - (qsl[b.seq + 1] - b.first);
+  });
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    thread_local Scratch scratch;
+    run(pb, items[i], scratch);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraRaggedPagedAttention, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()       // q
+                                  .Arg<ffi::AnyBuffer>()       // k_pages
+                                  .Arg<ffi::AnyBuffer>()       // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // context_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_start_loc
+                                  .Ret<ffi::AnyBuffer>()       // out
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));
