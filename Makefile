@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 # Reinstall whenever pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test serve clean
+.PHONY: install test serve clean cxx
 
-install: $(STAMP)
+install: $(STAMP) cxx
+
+# The CPU attention kernel (kernels/cpu/) is compiled on first use with g++; without one the
+# server falls back to the slower jnp attention.
+cxx:
+	@command -v g++ >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; } || \
+		echo "g++ not installed: CPU attention falls back to the jnp reference"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
