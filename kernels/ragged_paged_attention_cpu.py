@@ -35,8 +35,11 @@ SOURCE = Path(__file__).with_name("cpu") / "ragged_paged_attention.cc"
 TARGET = "tessera_ragged_paged_attention"
 SYMBOL = "TesseraRaggedPagedAttention"
 # -ffast-math lets GCC call glibc's vectorised expf; the kernel masks with a finite
-# sentinel, never infinities, so finite-math assumptions hold.
-CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+# sentinel, never infinities, so finite-math assumptions hold. It is given to the compile
+# step only: linking with it adds crtfastmath.o, which on load would flush subnormals to
+# zero for the whole process.
+CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC")
+LINK_FLAGS = ("-shared",)
 
 
 class KernelBuildError(RuntimeError):
@@ -60,7 +63,8 @@ def _cache_dir() -> Path:
 
 def library_path() -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(), _cpu_signature().encode()):
+    flags = " ".join((*CXX_FLAGS, *LINK_FLAGS)).encode()
+    for part in (SOURCE.read_bytes(), flags, jaxlib.__version__.encode(), _cpu_signature().encode()):
         digest.update(part)
     return _cache_dir() / digest.hexdigest()[:16] / "libtessera_cpu_attention.so"
 
@@ -77,14 +81,18 @@ def build() -> Path:
     # Build beside the target and rename: concurrent processes never load a half-written file.
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    cmd = [compiler, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    objects = partial.with_suffix(".o")
+    compile_cmd = [compiler, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(SOURCE), "-o", str(objects)]
+    link_cmd = [compiler, *LINK_FLAGS, str(objects), "-o", str(partial)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        for cmd in (compile_cmd, link_cmd):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise KernelBuildError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+        objects.unlink(missing_ok=True)
     return target
 
 

@@ -91,9 +91,7 @@ class Attention(nnx.Module):
         """With md=None the tokens are one whole sequence, attended causally without a cache."""
         cfg = self.cfg
         with jax.named_scope("qkv"):
-            q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
-            k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
-            v = jnp.einsum("te,ehd->thd", x, self.v_proj[...])
+            q, k, v = self._project_qkv(x)
             if cfg.attention_bias:
                 q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
             if cfg.qk_norm:
@@ -109,6 +107,15 @@ class Attention(nnx.Module):
             k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
             out = _paged_attention(md, q, k_pages, v_pages, cfg.head_dim**-0.5, self.window)
         return self._project_out(out), (k_pages, v_pages)
+
+    def _project_qkv(self, x: Float[Array, "tokens embed"]):
+        cfg = self.cfg
+        if hasattr(self, "qkv_proj"):  # fused for single-device serving (models/fusion.py)
+            h, k = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            qkv = x @ self.qkv_proj[...]
+            split = (qkv[:, :h], qkv[:, h : h + k], qkv[:, h + k :])
+            return tuple(part.reshape(x.shape[0], -1, cfg.head_dim) for part in split)
+        return tuple(jnp.einsum("te,ehd->thd", x, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
 
     def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:
         # As one [tokens, heads*head_dim] x [heads*head_dim, embed] product: the weight's
@@ -131,7 +138,11 @@ class MLP(nnx.Module):
             self.down_bias = _param((e,), ("embed",), dtype)
 
     def __call__(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens embed"]:
-        gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]
+        if hasattr(self, "gate_up_proj"):  # fused for single-device serving (models/fusion.py)
+            gate_up = x @ self.gate_up_proj[...]
+            gate, up = gate_up[:, : gate_up.shape[1] // 2], gate_up[:, gate_up.shape[1] // 2 :]
+        else:
+            gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]
         if self.has_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
         y = (jax.nn.silu(gate) * up) @ self.down_proj[...]
