@@ -20,10 +20,12 @@ from models.loader import LoadedModel
 def fuse_projections(model: LoadedModel) -> LoadedModel:
     """The same model with `qkv_proj` [embed, (heads + 2 kv_heads) * head_dim] in place of
     q/k/v_proj and `gate_up_proj` [embed, 2 * mlp] in place of gate/up_proj, per layer.
-    Returns the model unchanged on a multi-device mesh."""
+    Returns the model unchanged on a multi-device mesh, or when it is fused already."""
     if model.mesh.size != 1:
         return model
     module = nnx.merge(model.graphdef, model.state)
+    if hasattr(module.layers[0].self_attn, "qkv_proj"):
+        return model
     for layer in module.layers:
         attn, mlp = layer.self_attn, layer.mlp
         e = attn.q_proj.shape[0]

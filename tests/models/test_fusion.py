@@ -26,6 +26,7 @@ def test_fused_model_gives_the_same_logits(tmp_path, arch):
     want = sequence_logits(model.graphdef, model.state, tokens)
     got = sequence_logits(fused.graphdef, fused.state, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert fuse_projections(fused) is fused  # an engine built from a served model's weights
 
 
 def test_multi_device_models_are_left_as_they_are(tmp_path):
