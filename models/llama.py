@@ -15,13 +15,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from kernels.paged_kv_write import write_kv_pages_ref
+from kernels.paged_kv_write import write_kv_pages_cpu, write_kv_pages_ref
 from kernels.ragged_paged_attention import ragged_paged_attention
 from kernels.ragged_paged_attention_cpu import ragged_paged_attention_cpu
 from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
+from models.linear import linear
 from models.rope import apply_rope, inverse_frequencies
 from models.sharding import MODEL_AXIS
 
@@ -104,7 +105,8 @@ class Attention(nnx.Module):
                 out = causal_attention(q, k, v, sm_scale=cfg.head_dim**-0.5, sliding_window=self.window)
             return self._project_out(out), None
         with jax.named_scope("attention"):
-            k_pages, v_pages = write_kv_pages_ref(kv[0], kv[1], k, v, md.slot_mapping)
+            write = write_kv_pages_cpu if md.backend == "cpu" else write_kv_pages_ref
+            k_pages, v_pages = write(kv[0], kv[1], k, v, md.slot_mapping)
             out = _paged_attention(md, q, k_pages, v_pages, cfg.head_dim**-0.5, self.window)
         return self._project_out(out), (k_pages, v_pages)
 
@@ -112,7 +114,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         if hasattr(self, "qkv_proj"):  # fused for single-device serving (models/fusion.py)
             h, k = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            qkv = x @ self.qkv_proj[...]
+            qkv = linear(x, self.qkv_proj[...], getattr(self, "linear_impl", "xla"))
             split = (qkv[:, :h], qkv[:, h : h + k], qkv[:, h + k :])
             return tuple(part.reshape(x.shape[0], -1, cfg.head_dim) for part in split)
         return tuple(jnp.einsum("te,ehd->thd", x, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
@@ -121,7 +123,8 @@ class Attention(nnx.Module):
         # As one [tokens, heads*head_dim] x [heads*head_dim, embed] product: the weight's
         # reshape is free, where the einsum made XLA CPU transpose the weight every step.
         h, d, e = self.o_proj.shape
-        y = out.reshape(out.shape[0], h * d) @ self.o_proj[...].reshape(h * d, e)
+        impl = getattr(self, "linear_impl", "xla")
+        y = linear(out.reshape(out.shape[0], h * d), self.o_proj[...].reshape(h * d, e), impl)
         return y + self.o_bias[...] if self.cfg.o_proj_bias else y
 
 
@@ -138,14 +141,15 @@ class MLP(nnx.Module):
             self.down_bias = _param((e,), ("embed",), dtype)
 
     def __call__(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens embed"]:
+        impl = getattr(self, "linear_impl", "xla")  # "cpu": models/linear.py
         if hasattr(self, "gate_up_proj"):  # fused for single-device serving (models/fusion.py)
-            gate_up = x @ self.gate_up_proj[...]
+            gate_up = linear(x, self.gate_up_proj[...], impl)
             gate, up = gate_up[:, : gate_up.shape[1] // 2], gate_up[:, gate_up.shape[1] // 2 :]
         else:
             gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]
         if self.has_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        y = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        y = linear(jax.nn.silu(gate) * up, self.down_proj[...], impl)
         return y + self.down_bias[...] if self.has_bias else y
 
 
@@ -189,8 +193,9 @@ class CausalLM(nnx.Module):
         return self.norm(x), None if kv_cache is None else new_cache
 
     def logits(self, hidden: Float[Array, "rows embed"]) -> Float[Array, "rows vocab"]:
+        impl = getattr(self, "linear_impl", "xla")
         if self.cfg.tie_word_embeddings:
-            out = jnp.einsum("re,ve->rv", hidden, self.embed_tokens[...])
+            out = linear(hidden, self.embed_tokens[...], impl, transposed=True)
         else:
-            out = hidden @ self.lm_head[...]
+            out = linear(hidden, self.lm_head[...], impl)
         return out.astype(jnp.float32)

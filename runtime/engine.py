@@ -14,6 +14,7 @@ from pathlib import Path
 
 from models.config import generation_defaults
 from models.fusion import fuse_projections
+from models.linear import use_cpu_linear
 from models.loader import LoadedModel, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
@@ -62,6 +63,7 @@ class Engine:
     def __init__(self, model: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         model = fuse_projections(model)  # one product for q/k/v and one for gate/up (one device)
+        model = use_cpu_linear(model)  # decode-sized products in the CPU kernel (one CPU device)
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         num_blocks = config.num_blocks or self._blocks_for_memory(config)

@@ -58,3 +58,22 @@ def test_kv_write_places_tokens_and_drops_padding():
     np.testing.assert_array_equal(flat[11], [5, 6])
     assert np.count_nonzero(flat) == 6  # the padding token wrote nothing
     np.testing.assert_array_equal(np.asarray(v2), np.asarray(k2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_kv_write_matches_the_reference_in_place(dtype):
+    from kernels.paged_kv_write import write_kv_pages_cpu
+
+    rng = np.random.default_rng(4)
+    k = jnp.asarray(rng.standard_normal((5, PAGE, 2, 8)), dtype)
+    v = jnp.asarray(rng.standard_normal((5, PAGE, 2, 8)), dtype)
+    new_k = jnp.asarray(rng.standard_normal((6, 2, 8)), jnp.float32)
+    new_v = jnp.asarray(rng.standard_normal((6, 2, 8)), jnp.float32)
+    slots = jnp.asarray([5, 0, 19, -1, 7, 10_000], jnp.int32)  # two padding tokens: negative and past the pool
+    want = jax.jit(write_kv_pages_ref)(k, v, new_k, new_v, slots)
+    got = jax.jit(write_kv_pages_cpu, donate_argnums=(0, 1))(k.copy(), v.copy(), new_k, new_v, slots)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+    flat = np.asarray(got[0].astype(jnp.float32)).reshape(-1, 2, 8)
+    np.testing.assert_array_equal(flat[19], np.asarray(new_k[2].astype(dtype).astype(jnp.float32)))

@@ -1,0 +1,236 @@
+// y = x @ W for the few rows of a decode step, as an XLA FFI custom call.
+//
+// x [T, K] and y [T, N] are float32 or bfloat16 (y takes x's type); W is float32 or bfloat16,
+// laid out [K, N] ("kn", a projection) or [N, K] ("nk", a tied embedding used as the output
+// head). Accumulation is in float32.
+//
+// Why it exists: a decode step is a chain of matrix-vector products that should stream the
+// weights at the memory's speed. XLA CPU runs them on one thread (float32, ~20 GB/s here) or
+// emulates bfloat16 (~2-5 GB/s); this streams every weight once per four rows of x, split
+// over XLA's intra-op threads, and widens bfloat16 weights in registers.
+//
+// Shape of the work: "kn" splits N into blocks of 64 columns; a block keeps 4 rows x 64
+// columns of y in 16 vector registers while it walks down K. "nk" splits N into blocks of 16
+// weight rows; each output is a dot product over K.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
+
+constexpr int kRowBlock = 4;       // "nk": rows of x per pass over a weight row
+constexpr int kOutputBlock = 16;   // "nk": outputs per work item
+constexpr int kRowsByK = 4;        // "kn": up to this many rows, split K; beyond, split N
+constexpr int kPrefetchRows = 16;  // "kn" by columns: how far down K to prefetch
+
+typedef uint16_t Half16 __attribute__((vector_size(32)));
+typedef uint32_t Word16 __attribute__((vector_size(64)));
+
+inline Vec LoadWeights(const float* p) { return LoadVec(p); }
+inline Vec LoadWeights(const uint16_t* p) {  // 16 bfloat16 -> 16 float: widen, shift into the high half
+  Half16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const Word16 w = __builtin_convertvector(h, Word16) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float LoadScalar(const float* p) { return *p; }
+inline float LoadScalar(const uint16_t* p) { return Bf16ToF32(*p); }
+inline void StoreScalar(float x, float* p) { *p = x; }
+inline void StoreScalar(float x, uint16_t* p) { *p = F32ToBf16(x); }
+
+struct Shapes {
+  int64_t rows, k, n;
+};
+
+// Partial product of a [K, N] weight's rows [k0, k1) into part [rows, N]: the rows are
+// walked in order, four at a time, so every thread reads the weight as a few contiguous
+// streams (which the hardware prefetcher follows), and each four-row step updates part once.
+template <typename WT>
+void RowsKN(const float* x, const WT* w, const Shapes& s, int64_t k0, int64_t k1, float* part) {
+  std::fill(part, part + s.rows * s.n, 0.0f);
+  const int64_t n_vec = s.n / kLanes * kLanes;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const WT* w0 = w + k * s.n;
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const float* xr = x + r * s.k + k;
+      const float x0 = xr[0], x1 = xr[1], x2 = xr[2], x3 = xr[3];
+      float* pr = part + r * s.n;
+      for (int64_t n = 0; n < n_vec; n += kLanes) {
+        Vec acc = LoadVec(pr + n);
+        acc += x0 * LoadWeights(w0 + n) + x1 * LoadWeights(w0 + s.n + n) + x2 * LoadWeights(w0 + 2 * s.n + n) +
+               x3 * LoadWeights(w0 + 3 * s.n + n);
+        StoreVec(acc, pr + n);
+      }
+    }
+  }
+  for (; k < k1; ++k) {
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const float xk = x[r * s.k + k];
+      float* pr = part + r * s.n;
+      for (int64_t n = 0; n < n_vec; n += kLanes) StoreVec(LoadVec(pr + n) + xk * LoadWeights(w + k * s.n + n), pr + n);
+    }
+  }
+  for (int64_t n = n_vec; n < s.n; ++n) {  // N not a multiple of 16
+    for (int64_t r = 0; r < s.rows; ++r) {
+      float total = 0.0f;
+      for (int64_t kk = k0; kk < k1; ++kk) total += x[r * s.k + kk] * LoadScalar(w + kk * s.n + n);
+      part[r * s.n + n] = total;
+    }
+  }
+}
+
+// For more rows, y[r0 : r0 + R, n0 : n0 + NV * 16] of a [K, N] weight in R x NV registers,
+// walking down a block of columns. Rows of W are N apart, so the hardware prefetcher, which
+// stops at page edges, cannot follow the walk: it is prefetched kPrefetchRows rows ahead.
+template <int R, int NV, typename WT>
+inline void BlockKN(const float* x, const WT* w, const Shapes& s, int64_t r0, int64_t n0, float* y) {
+  constexpr int kLineElems = 64 / sizeof(WT);
+  Vec acc[R][NV] = {};
+  for (int64_t k = 0; k < s.k; ++k) {
+    if (k + kPrefetchRows < s.k) {
+      for (int j = 0; j < NV * kLanes; j += kLineElems) __builtin_prefetch(w + (k + kPrefetchRows) * s.n + n0 + j);
+    }
+    Vec wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = LoadWeights(w + k * s.n + n0 + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[(r0 + r) * s.k + k];
+      for (int j = 0; j < NV; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) StoreVec(acc[r][j], y + (r0 + r) * s.n + n0 + j * kLanes);
+}
+
+// Columns [n0, n0 + 32) (NV = 2) or [n0, n0 + 16) (NV = 1) for every row, eight rows a pass.
+template <int NV, typename WT>
+inline void ColumnsKN(const float* x, const WT* w, const Shapes& s, int64_t n0, float* y) {
+  int64_t r = 0;
+  for (; r + 8 <= s.rows; r += 8) BlockKN<8, NV>(x, w, s, r, n0, y);
+  for (; r + 4 <= s.rows; r += 4) BlockKN<4, NV>(x, w, s, r, n0, y);
+  for (; r < s.rows; ++r) BlockKN<1, NV>(x, w, s, r, n0, y);
+}
+
+// Work item i of a [K, N] product by columns: 32 of them, or the tail.
+template <typename WT>
+void ItemKN(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
+  const int64_t n0 = i * 2 * kLanes, end = std::min<int64_t>(n0 + 2 * kLanes, s.n);
+  if (end - n0 == 2 * kLanes) return ColumnsKN<2>(x, w, s, n0, y);
+  int64_t n = n0;
+  for (; n + kLanes <= end; n += kLanes) ColumnsKN<1>(x, w, s, n, y);
+  for (; n < end; ++n) {  // N not a multiple of 16
+    for (int64_t r = 0; r < s.rows; ++r) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < s.k; ++k) total += x[r * s.k + k] * LoadScalar(w + k * s.n + n);
+      y[r * s.n + n] = total;
+    }
+  }
+}
+
+// Work item i of an [N, K] product: outputs [16 i, 16 i + 16), each a dot product over K.
+template <typename WT>
+void ItemNK(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
+  const int64_t k_vec = s.k / kLanes * kLanes;
+  for (int64_t n = i * kOutputBlock; n < std::min<int64_t>((i + 1) * kOutputBlock, s.n); ++n) {
+    const WT* row = w + n * s.k;
+    for (int64_t r0 = 0; r0 < s.rows; r0 += kRowBlock) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, s.rows - r0));
+      Vec acc[kRowBlock] = {};
+      for (int64_t k = 0; k < k_vec; k += kLanes) {
+        const Vec wv = LoadWeights(row + k);
+        for (int r = 0; r < rows; ++r) acc[r] += LoadVec(x + (r0 + r) * s.k + k) * wv;
+      }
+      for (int r = 0; r < rows; ++r) {
+        float total = 0.0f;
+        for (int l = 0; l < kLanes; ++l) total += acc[r][l];
+        for (int64_t k = k_vec; k < s.k; ++k) total += x[(r0 + r) * s.k + k] * LoadScalar(row + k);
+        y[(r0 + r) * s.n + n] = total;
+      }
+    }
+  }
+}
+
+template <typename WT>
+void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& s, bool nk, float* y) {
+  if (nk) {
+    ParallelFor(pool, (s.n + kOutputBlock - 1) / kOutputBlock, [&](int64_t i) { ItemNK(x, w, s, i, y); });
+    return;
+  }
+  if (s.rows > kRowsByK) {
+    ParallelFor(pool, (s.n + 2 * kLanes - 1) / (2 * kLanes), [&](int64_t i) { ItemKN(x, w, s, i, y); });
+    return;
+  }
+  // Up to kRowsByK rows: K split into one run of rows per thread, partial products summed.
+  const int64_t parts = std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(1, s.k / 64));
+  if (parts == 1) return RowsKN(x, w, s, 0, s.k, y);
+  std::vector<float> partial(parts * s.rows * s.n);
+  const int64_t step = (s.k / parts + 3) / 4 * 4;
+  ParallelFor(pool, parts, [&](int64_t i) {
+    RowsKN(x, w, s, std::min(s.k, i * step), i + 1 == parts ? s.k : std::min(s.k, (i + 1) * step),
+           &partial[i * s.rows * s.n]);
+  });
+  const int64_t size = s.rows * s.n;
+  std::copy(partial.begin(), partial.begin() + size, y);
+  for (int64_t i = 1; i < parts; ++i) {
+    const float* p = &partial[i * size];
+    for (int64_t e = 0; e < size; ++e) y[e] += p[e];
+  }
+}
+
+ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                  std::string_view layout) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const bool nk = layout == "nk";
+  if (!nk && layout != "kn") return ffi::Error::InvalidArgument("linear: layout must be 'kn' or 'nk'");
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("linear: x and w must be matrices");
+  const Shapes s{xd[0], xd[1], nk ? wd[0] : wd[1]};
+  if ((nk ? wd[1] : wd[0]) != s.k) return ffi::Error::InvalidArgument("linear: x and w disagree on K");
+  if (!IsFloat(x.element_type()) || !IsFloat(w.element_type()) || y->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("linear: float32 or bfloat16 only; y takes x's type");
+  }
+  // x as float32, and y computed in float32 then narrowed if it is bfloat16.
+  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  std::vector<float> x_f32, y_f32;
+  const float* xf = static_cast<const float*>(x.untyped_data());
+  float* yf = static_cast<float*>(y->untyped_data());
+  if (x_bf16) {
+    const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
+    x_f32.resize(s.rows * s.k);
+    for (int64_t i = 0; i < s.rows * s.k; ++i) x_f32[i] = Bf16ToF32(xb[i]);
+    xf = x_f32.data();
+    y_f32.resize(s.rows * s.n);
+    yf = y_f32.data();
+  }
+  if (w.element_type() == ffi::DataType::BF16) {
+    Multiply(pool, xf, static_cast<const uint16_t*>(w.untyped_data()), s, nk, yf);
+  } else {
+    Multiply(pool, xf, static_cast<const float*>(w.untyped_data()), s, nk, yf);
+  }
+  if (x_bf16) {
+    auto* yb = static_cast<uint16_t*>(y->untyped_data());
+    for (int64_t i = 0; i < s.rows * s.n; ++i) yb[i] = F32ToBf16(y_f32[i]);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraLinear, Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<std::string_view>("layout"));
