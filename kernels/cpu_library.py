@@ -30,6 +30,7 @@ HANDLERS = {
     "tessera_ragged_paged_attention": "TesseraRaggedPagedAttention",
     "tessera_linear": "TesseraLinear",
     "tessera_paged_kv_write": "TesseraPagedKVWrite",
+    "tessera_amx_linear": "TesseraAmxLinear",
 }
 # -ffast-math lets GCC call glibc's vectorised expf; the kernels mask with a finite sentinel,
 # never infinities, so finite-math assumptions hold. It is given to the compile step only:
@@ -101,11 +102,16 @@ def _run(cmd: list[str]) -> None:
 
 
 @functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library, built first if need be."""
+    return ctypes.cdll.LoadLibrary(str(build()))
+
+
+@functools.cache
 def register() -> None:
     """Build (if need be), load, and register every handler with jax for the CPU platform."""
-    library = ctypes.cdll.LoadLibrary(str(build()))
     for target, symbol in HANDLERS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library(), symbol)), platform="cpu")
 
 
 @functools.cache

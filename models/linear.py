@@ -6,8 +6,11 @@ impl "cpu", bfloat16 weights and at most `MAX_ROWS` rows, the product runs in
 decode step's shapes against ~13 GB/s for the kernel, BUILD_NOTES.md). Prompt-sized
 products stay with XLA, which does them at float32 speed.
 
-`use_cpu_linear(model)` marks a loaded single-device CPU model's modules with impl "cpu"
-(a static attribute: part of the graph definition, so it is fixed at trace time).
+With impl "amx" the weight is packed for `kernels/cpu/amx_linear.cc`, which serves every row
+count with AMX bfloat16 tiles (prompt chunks included: XLA's bfloat16 products do not use AMX).
+
+`use_cpu_linear(model)` marks a loaded single-device CPU model's modules with the impl (a
+static attribute: part of the graph definition, so it is fixed at trace time).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from kernels.amx_linear import amx_linear, amx_ready, pack_weight, packable
 from kernels.cpu_library import available
 from kernels.linear_cpu import MAX_ROWS, linear_cpu
 
@@ -33,6 +37,8 @@ ENV_VAR = "TESSERA_CPU_LINEAR"  # "0" keeps every product in XLA
 
 def linear(x: Float[Array, "rows k"], w: Float[Array, "..."], impl: str = "xla", *,
            transposed: bool = False) -> Float[Array, "rows n"]:
+    if impl == "amx":  # w was packed by use_cpu_linear, and every row count goes to the tiles
+        return amx_linear(x, w)
     # float32 stays with XLA: in a whole decode step its one-thread products beat the kernel,
     # whose per-call thread hand-off costs tens of microseconds (BUILD_NOTES.md).
     if impl == "cpu" and x.shape[0] <= MAX_ROWS and w.dtype == jnp.bfloat16:
@@ -41,20 +47,49 @@ def linear(x: Float[Array, "rows k"], w: Float[Array, "..."], impl: str = "xla",
 
 
 def use_cpu_linear(model: LoadedModel) -> LoadedModel:
-    """The model with its projections on the CPU kernel, when it runs on one CPU device and
-    the kernel library builds; otherwise the model unchanged."""
+    """The model with its projections on the CPU kernels, when it runs on one CPU device and
+    the kernel library builds; otherwise the model unchanged. bfloat16 models on a CPU with
+    AMX get their weights packed for the tile kernel ("amx", every row count); others use
+    the small-batch kernel for bfloat16 weights ("cpu")."""
     if os.environ.get(ENV_VAR, "1") == "0" or model.mesh.size != 1:
         return model
     if model.mesh.devices.flat[0].platform != "cpu" or not available():
         return model
     module = nnx.merge(model.graphdef, model.state)
-    module.linear_impl = "cpu"
+    impl = "amx" if model.dtype == jnp.bfloat16 and amx_ready() and _pack_for_amx(module) else "cpu"
+    module.linear_impl = impl
     for layer in module.layers:
-        layer.self_attn.linear_impl = "cpu"
-        layer.mlp.linear_impl = "cpu"
+        layer.self_attn.linear_impl = impl
+        layer.mlp.linear_impl = impl
     graphdef, state = nnx.split(module)
-    log.info("small-batch projections run in the CPU kernel (%s=0 to keep them in XLA)", ENV_VAR)
+    log.info("projections run in the CPU kernels (%s; %s=0 to keep them in XLA)", impl, ENV_VAR)
     return dataclasses.replace(model, graphdef=graphdef, state=state)
+
+
+def _pack_for_amx(module) -> bool:
+    """Packs every projection of a fused model for the AMX kernel, in place; False (and
+    nothing changed) when one cannot be packed."""
+    head = module.embed_tokens[...].T if module.cfg.tie_word_embeddings else module.lm_head[...]
+    weights = [head]
+    for layer in module.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(attn, "qkv_proj") or not hasattr(mlp, "gate_up_proj"):
+            return False
+        h, d, e = attn.o_proj.shape
+        weights += [attn.qkv_proj[...], attn.o_proj[...].reshape(h * d, e), mlp.gate_up_proj[...], mlp.down_proj[...]]
+    if not all(packable(w) for w in weights):
+        return False
+    module.lm_head_packed = nnx.Param(pack_weight(head))
+    for layer in module.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        h, d, e = attn.o_proj.shape
+        attn.qkv_proj = nnx.Param(pack_weight(attn.qkv_proj[...]))
+        attn.o_proj = nnx.Param(pack_weight(attn.o_proj[...].reshape(h * d, e)))
+        mlp.gate_up_proj = nnx.Param(pack_weight(mlp.gate_up_proj[...]))
+        mlp.down_proj = nnx.Param(pack_weight(mlp.down_proj[...]))
+    if not module.cfg.tie_word_embeddings:
+        del module.lm_head
+    return True
 
 
 __all__ = ["MAX_ROWS", "linear", "use_cpu_linear"]

@@ -122,9 +122,12 @@ class Attention(nnx.Module):
     def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:
         # As one [tokens, heads*head_dim] x [heads*head_dim, embed] product: the weight's
         # reshape is free, where the einsum made XLA CPU transpose the weight every step.
-        h, d, e = self.o_proj.shape
         impl = getattr(self, "linear_impl", "xla")
-        y = linear(out.reshape(out.shape[0], h * d), self.o_proj[...].reshape(h * d, e), impl)
+        rows = out.reshape(out.shape[0], -1)
+        w = self.o_proj[...]
+        if impl != "amx":  # packed for AMX already as [heads * head_dim, embed]
+            w = w.reshape(rows.shape[1], -1)
+        y = linear(rows, w, impl)
         return y + self.o_bias[...] if self.cfg.o_proj_bias else y
 
 
@@ -194,7 +197,9 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: Float[Array, "rows embed"]) -> Float[Array, "rows vocab"]:
         impl = getattr(self, "linear_impl", "xla")
-        if self.cfg.tie_word_embeddings:
+        if impl == "amx":  # models/linear.py packed the head, tied or not
+            out = linear(hidden, self.lm_head_packed[...], impl)
+        elif self.cfg.tie_word_embeddings:
             out = linear(hidden, self.embed_tokens[...], impl, transposed=True)
         else:
             out = linear(hidden, self.lm_head[...], impl)

@@ -1,0 +1,54 @@
+"""x @ W with Intel AMX bfloat16 tiles: the C++ custom call of `kernels/cpu/amx_linear.cc`.
+
+The weight is packed once, at load time, into the layout a tile product reads
+(`pack_weight`); `amx_linear(x, packed)` then serves every row count, a decode step's few
+rows and a prompt chunk's hundreds alike. `amx_ready()` says whether this CPU has AMX and
+Linux lets the process use it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from kernels.cpu_library import available, library, register
+
+TARGET = "tessera_amx_linear"
+K_STEP = 32  # K is padded with zero rows to a multiple of this
+N_STEP = 16  # N must be a multiple of this
+
+
+@functools.cache
+def amx_ready() -> bool:
+    return available() and bool(library().TesseraAmxReady())
+
+
+def packable(w: Float[Array, "k n"]) -> bool:
+    return w.ndim == 2 and w.shape[1] % N_STEP == 0
+
+
+def pack_weight(w: Float[Array, "k n"]) -> Float[Array, "k2 two_n"]:
+    """[K, N] -> bfloat16 [Kp / 2, 2 N]: row k2 holds (w[2 k2, n], w[2 k2 + 1, n]) for each n."""
+    k, n = w.shape
+    if n % N_STEP:
+        raise ValueError(f"AMX packing needs N a multiple of {N_STEP}, got {n}")
+    kp = -(-k // K_STEP) * K_STEP
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, kp - k), (0, 0)))
+    return w.reshape(kp // 2, 2, n).transpose(0, 2, 1).reshape(kp // 2, 2 * n)
+
+
+def amx_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"]) -> Float[Array, "rows n"]:
+    """x [rows, K] @ the packed weight; the result has x's dtype, summed in float32 from
+    bfloat16 operands (x is rounded to bfloat16)."""
+    register()
+    if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be a float32 or bfloat16 matrix, got {x.dtype}{list(x.shape)}")
+    kp = packed.shape[0] * 2
+    if not kp - K_STEP < x.shape[1] <= kp:
+        raise ValueError(f"x has {x.shape[1]} columns but the packed weight holds K up to {kp}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], packed.shape[1] // 2), x.dtype),
+                            vmap_method="sequential")
+    return call(x, packed)

@@ -1,0 +1,39 @@
+"""The AMX bfloat16 product kernel against numpy: row counts off the 16-row tile, K padded to
+32, column blocks of 1-4 tiles, float32 and bfloat16 activations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.amx_linear import amx_linear, amx_ready, pack_weight
+
+pytestmark = pytest.mark.skipif(not amx_ready(), reason="this CPU has no AMX bfloat16 tiles")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 100])
+@pytest.mark.parametrize("k, n", [(576, 960), (40, 48), (1536, 576), (64, 16), (33, 3072)])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_products_match_numpy(rows, k, n, x_dtype):
+    rng = np.random.default_rng(rows * 7 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), x_dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    as_f32 = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    want = as_f32(x) @ as_f32(w)
+    got = jax.jit(amx_linear)(x, pack_weight(w))
+    assert got.dtype == x_dtype and got.shape == (rows, n)
+    tol = 1e-5 if x_dtype == jnp.float32 else 1e-2  # float32 sums in another order; bfloat16 rounds
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)) / scale, want / scale, atol=tol)
+
+
+def test_packing_layout_and_refusals():
+    w = jnp.arange(6 * 16, dtype=jnp.float32).reshape(6, 16)
+    packed = np.asarray(pack_weight(w).astype(jnp.float32))
+    assert packed.shape == (16, 32)  # K 6 -> 32 rows, in pairs
+    np.testing.assert_array_equal(packed[1, :4], [32, 48, 33, 49])  # (w[2, n], w[3, n]) for n = 0, 1
+    assert np.all(packed[3:] == 0)
+    with pytest.raises(ValueError, match="N a multiple of 16"):
+        pack_weight(jnp.ones((8, 10)))
+    with pytest.raises(ValueError, match="x has 40 columns but the packed weight holds K up to 32"):
+        amx_linear(jnp.ones((2, 40)), pack_weight(jnp.ones((30, 16))))
