@@ -1,10 +1,10 @@
 """The model's weight products, and the switch that sends small ones to the CPU kernel.
 
 `linear(x, w, impl)` is `x @ w` (or `x @ w.T` for a [N, K] weight with `transposed`). With
-impl "cpu", bfloat16 weights and at most `MAX_ROWS` rows, the product runs in
-`kernels/cpu/linear.cc`: XLA CPU emulates bfloat16 products (~1.5 GB/s of weights on a
-decode step's shapes against ~13 GB/s for the kernel, BUILD_NOTES.md). Prompt-sized
-products stay with XLA, which does them at float32 speed.
+impl "cpu" and at most `MAX_ROWS` rows, the product runs in `kernels/cpu/linear.cc`: XLA
+CPU emulates bfloat16 products (~1.5 GB/s of weights on a decode step's shapes) and runs
+float32 matrix-vector products on one thread (BUILD_NOTES.md). Prompt-sized products stay
+with XLA.
 
 With impl "amx" the weight is packed for `kernels/cpu/amx_linear.cc`, which serves every row
 count with AMX bfloat16 tiles (prompt chunks included: XLA's bfloat16 products do not use AMX).
@@ -39,9 +39,7 @@ def linear(x: Float[Array, "rows k"], w: Float[Array, "..."], impl: str = "xla",
            transposed: bool = False) -> Float[Array, "rows n"]:
     if impl == "amx":  # w was packed by use_cpu_linear, and every row count goes to the tiles
         return amx_linear(x, w)
-    # float32 stays with XLA: in a whole decode step its one-thread products beat the kernel,
-    # whose per-call thread hand-off costs tens of microseconds (BUILD_NOTES.md).
-    if impl == "cpu" and x.shape[0] <= MAX_ROWS and w.dtype == jnp.bfloat16:
+    if impl == "cpu" and x.shape[0] <= MAX_ROWS:
         return linear_cpu(x, w, transposed=transposed)
     return x @ (w.T if transposed else w)
 
@@ -50,7 +48,7 @@ def use_cpu_linear(model: LoadedModel) -> LoadedModel:
     """The model with its projections on the CPU kernels, when it runs on one CPU device and
     the kernel library builds; otherwise the model unchanged. bfloat16 models on a CPU with
     AMX get their weights packed for the tile kernel ("amx", every row count); others use
-    the small-batch kernel for bfloat16 weights ("cpu")."""
+    the small-batch kernel ("cpu")."""
     if os.environ.get(ENV_VAR, "1") == "0" or model.mesh.size != 1:
         return model
     if model.mesh.devices.flat[0].platform != "cpu" or not available():

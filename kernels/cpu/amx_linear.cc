@@ -165,10 +165,10 @@ ffi::Error AmxLinear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::BF
   const int64_t items = (n + kBlockTiles * kTileN - 1) / (kBlockTiles * kTileN);
   if (y->element_type() == ffi::DataType::BF16) {
     auto* out = static_cast<uint16_t*>(y->untyped_data());
-    ParallelFor(pool, items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
+    ParallelFor(items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
   } else {
     auto* out = static_cast<float*>(y->untyped_data());
-    ParallelFor(pool, items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
+    ParallelFor(items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
   }
   return ffi::Error::Success();
 #else

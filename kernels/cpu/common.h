@@ -43,40 +43,13 @@ inline Vec LoadVec(const float* p) {
 }
 inline void StoreVec(const Vec& v, float* p) { std::memcpy(p, &v, sizeof(v)); }
 
-// Runs fn(0..n-1) on the calling thread and the pool's threads. The caller waits only for
-// items that some thread has claimed, never for a helper task to start, so a busy pool
-// cannot deadlock it; helpers that start late find nothing left and return.
+// Runs call(ctx, 0..n-1) on the calling thread and the kernels' own worker threads
+// (spin_pool.cc), returning when every item is done.
+void RunParallel(int64_t n, void (*call)(const void*, int64_t), const void* ctx);
+
 template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto drain = [shared, n, &fn] {
-    for (;;) {
-      const int64_t i = shared->next.fetch_add(1);
-      if (i >= n) return;
-      fn(i);
-      if (shared->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = drain;  // Schedule takes ownership of a copy
-    pool.Schedule(std::move(task));
-  }
-  drain();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == n; });
+void ParallelFor(int64_t n, const Fn& fn) {
+  RunParallel(n, [](const void* f, int64_t i) { (*static_cast<const Fn*>(f))(i); }, &fn);
 }
 
 inline bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }

@@ -165,11 +165,11 @@ void ItemNK(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
 template <typename WT>
 void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& s, bool nk, float* y) {
   if (nk) {
-    ParallelFor(pool, (s.n + kOutputBlock - 1) / kOutputBlock, [&](int64_t i) { ItemNK(x, w, s, i, y); });
+    ParallelFor((s.n + kOutputBlock - 1) / kOutputBlock, [&](int64_t i) { ItemNK(x, w, s, i, y); });
     return;
   }
   if (s.rows > kRowsByK) {
-    ParallelFor(pool, (s.n + 2 * kLanes - 1) / (2 * kLanes), [&](int64_t i) { ItemKN(x, w, s, i, y); });
+    ParallelFor((s.n + 2 * kLanes - 1) / (2 * kLanes), [&](int64_t i) { ItemKN(x, w, s, i, y); });
     return;
   }
   // Up to kRowsByK rows: K split into one run of rows per thread, partial products summed.
@@ -177,7 +177,7 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& 
   if (parts == 1) return RowsKN(x, w, s, 0, s.k, y);
   std::vector<float> partial(parts * s.rows * s.n);
   const int64_t step = (s.k / parts + 3) / 4 * 4;
-  ParallelFor(pool, parts, [&](int64_t i) {
+  ParallelFor(parts, [&](int64_t i) {
     RowsKN(x, w, s, std::min(s.k, i * step), i + 1 == parts ? s.k : std::min(s.k, (i + 1) * step),
            &partial[i * s.rows * s.n]);
   });

@@ -373,7 +373,7 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     return pb.context_lens[a.seq] - (qsl[a.seq + 1] - a.first) > pb.context_lens[b.seq] - (qsl[b.seq + 1] - b.first);
   });
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+  ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
     thread_local Scratch scratch;
     run(pb, items[i], scratch);
   });
