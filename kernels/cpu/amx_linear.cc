@@ -61,16 +61,15 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Loaded at every item, not once per thread: other code on XLA's threads (its own kernel
+// libraries) may configure the tiles differently between our calls.
 void ConfigureTiles() {
-  thread_local bool configured = false;
-  if (configured) return;
   TileConfig cfg;
   for (int t = 0; t <= 6; ++t) {
     cfg.rows[t] = kTileRows;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-  configured = true;
 }
 
 // C tiles [0, NT) += x rows [r0, r0 + 16) x W columns [n0, n0 + 16 NT), over all of Kp.
