@@ -43,6 +43,19 @@ inline Vec LoadVec(const float* p) {
 }
 inline void StoreVec(const Vec& v, float* p) { std::memcpy(p, &v, sizeof(v)); }
 
+// 16 consecutive elements as floats: float32 loaded, bfloat16 widened into the high halves.
+typedef uint16_t Half16 __attribute__((vector_size(32)));
+typedef uint32_t Word16 __attribute__((vector_size(64)));
+inline Vec LoadAsFloat(const float* p) { return LoadVec(p); }
+inline Vec LoadAsFloat(const uint16_t* p) {
+  Half16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const Word16 w = __builtin_convertvector(h, Word16) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
 // Runs call(ctx, 0..n-1) on the calling thread and the kernels' own worker threads
 // (spin_pool.cc), returning when every item is done.
 void RunParallel(int64_t n, void (*call)(const void*, int64_t), const void* ctx);

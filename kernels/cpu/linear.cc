@@ -32,19 +32,6 @@ constexpr int kOutputBlock = 16;   // "nk": outputs per work item
 constexpr int kRowsByK = 4;        // "kn": up to this many rows, split K; beyond, split N
 constexpr int kPrefetchRows = 16;  // "kn" by columns: how far down K to prefetch
 
-typedef uint16_t Half16 __attribute__((vector_size(32)));
-typedef uint32_t Word16 __attribute__((vector_size(64)));
-
-inline Vec LoadWeights(const float* p) { return LoadVec(p); }
-inline Vec LoadWeights(const uint16_t* p) {  // 16 bfloat16 -> 16 float: widen, shift into the high half
-  Half16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const Word16 w = __builtin_convertvector(h, Word16) << 16;
-  Vec v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
 inline float LoadScalar(const float* p) { return *p; }
 inline float LoadScalar(const uint16_t* p) { return Bf16ToF32(*p); }
 inline void StoreScalar(float x, float* p) { *p = x; }
@@ -70,8 +57,8 @@ void RowsKN(const float* x, const WT* w, const Shapes& s, int64_t k0, int64_t k1
       float* pr = part + r * s.n;
       for (int64_t n = 0; n < n_vec; n += kLanes) {
         Vec acc = LoadVec(pr + n);
-        acc += x0 * LoadWeights(w0 + n) + x1 * LoadWeights(w0 + s.n + n) + x2 * LoadWeights(w0 + 2 * s.n + n) +
-               x3 * LoadWeights(w0 + 3 * s.n + n);
+        acc += x0 * LoadAsFloat(w0 + n) + x1 * LoadAsFloat(w0 + s.n + n) + x2 * LoadAsFloat(w0 + 2 * s.n + n) +
+               x3 * LoadAsFloat(w0 + 3 * s.n + n);
         StoreVec(acc, pr + n);
       }
     }
@@ -80,7 +67,7 @@ void RowsKN(const float* x, const WT* w, const Shapes& s, int64_t k0, int64_t k1
     for (int64_t r = 0; r < s.rows; ++r) {
       const float xk = x[r * s.k + k];
       float* pr = part + r * s.n;
-      for (int64_t n = 0; n < n_vec; n += kLanes) StoreVec(LoadVec(pr + n) + xk * LoadWeights(w + k * s.n + n), pr + n);
+      for (int64_t n = 0; n < n_vec; n += kLanes) StoreVec(LoadVec(pr + n) + xk * LoadAsFloat(w + k * s.n + n), pr + n);
     }
   }
   for (int64_t n = n_vec; n < s.n; ++n) {  // N not a multiple of 16
@@ -104,7 +91,7 @@ inline void BlockKN(const float* x, const WT* w, const Shapes& s, int64_t r0, in
       for (int j = 0; j < NV * kLanes; j += kLineElems) __builtin_prefetch(w + (k + kPrefetchRows) * s.n + n0 + j);
     }
     Vec wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = LoadWeights(w + k * s.n + n0 + j * kLanes);
+    for (int j = 0; j < NV; ++j) wv[j] = LoadAsFloat(w + k * s.n + n0 + j * kLanes);
     for (int r = 0; r < R; ++r) {
       const float xv = x[(r0 + r) * s.k + k];
       for (int j = 0; j < NV; ++j) acc[r][j] += xv * wv[j];
@@ -149,7 +136,7 @@ void ItemNK(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, s.rows - r0));
       Vec acc[kRowBlock] = {};
       for (int64_t k = 0; k < k_vec; k += kLanes) {
-        const Vec wv = LoadWeights(row + k);
+        const Vec wv = LoadAsFloat(row + k);
         for (int r = 0; r < rows; ++r) acc[r] += LoadVec(x + (r0 + r) * s.k + k) * wv;
       }
       for (int r = 0; r < rows; ++r) {

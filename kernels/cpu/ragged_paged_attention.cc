@@ -118,33 +118,33 @@ inline void AccumulateRows(const float* p, const float* v, int64_t dim, int keys
 }
 
 // Decode items have only `group` query rows, too few to repay transposing a key tile: their
-// scores are dot products straight against the key rows in the pages (float32 pages, head_dim
-// a multiple of 16), and values are read from the pages in place.
+// scores are dot products straight against the key rows in the pages (head_dim a multiple
+// of 16; bfloat16 rows widened in registers), and values are read from the pages in place.
 inline float Sum(const Vec& v) {
   float total = 0.0f;
   for (int i = 0; i < kLanes; ++i) total += v[i];
   return total;
 }
 
-template <int R>
-inline void ScoreRowsDirect(const float* q, const float* const* key_rows, int keys, int64_t dim, float* scores) {
+template <int R, typename KT>
+inline void ScoreRowsDirect(const float* q, const KT* const* key_rows, int keys, int64_t dim, float* scores) {
   for (int c = 0; c < keys; ++c) {
     Vec acc[R] = {};
     for (int64_t d = 0; d < dim; d += kLanes) {
-      const Vec k = LoadVec(key_rows[c] + d);
+      const Vec k = LoadAsFloat(key_rows[c] + d);
       for (int r = 0; r < R; ++r) acc[r] += LoadVec(q + r * dim + d) * k;
     }
     for (int r = 0; r < R; ++r) scores[r * kKeyTile + c] = Sum(acc[r]);
   }
 }
 
-template <int R>
-inline void AccumulateRowsDirect(const float* p, const float* const* value_rows, int64_t dim, int keys, float* acc) {
+template <int R, typename KT>
+inline void AccumulateRowsDirect(const float* p, const KT* const* value_rows, int64_t dim, int keys, float* acc) {
   for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
     Vec a[R];
     for (int r = 0; r < R; ++r) a[r] = LoadVec(acc + r * dim + d0);
     for (int c = 0; c < keys; ++c) {
-      const Vec v = LoadVec(value_rows[c] + d0);
+      const Vec v = LoadAsFloat(value_rows[c] + d0);
       for (int r = 0; r < R; ++r) a[r] += p[r * kKeyTile + c] * v;
     }
     for (int r = 0; r < R; ++r) StoreVec(a[r], acc + r * dim + d0);
@@ -166,14 +166,16 @@ inline void OverRows(int64_t rows, Args... args) {
 
 template <int R>
 struct ScoreDirect {
-  static void Run(int64_t r, const float* q, const float* const* key_rows, int keys, int64_t dim, float* scores) {
+  template <typename KT>
+  static void Run(int64_t r, const float* q, const KT* const* key_rows, int keys, int64_t dim, float* scores) {
     ScoreRowsDirect<R>(q + r * dim, key_rows, keys, dim, scores + r * kKeyTile);
   }
 };
 
 template <int R>
 struct AccumulateDirect {
-  static void Run(int64_t r, const float* p, const float* const* value_rows, int64_t dim, int keys, float* acc) {
+  template <typename KT>
+  static void Run(int64_t r, const float* p, const KT* const* value_rows, int64_t dim, int keys, float* acc) {
     AccumulateRowsDirect<R>(p + r * kKeyTile, value_rows, dim, keys, acc + r * dim);
   }
 };
@@ -228,9 +230,9 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
   const int64_t key_end = std::min(kv_len, last_pos + 1);
   const int64_t key_begin = pb.window > 0 ? std::max<int64_t>(0, first_pos - pb.window + 1) : 0;
   const int32_t* table = pb.tables + static_cast<int64_t>(item.seq) * pb.max_blocks;
-  const bool direct = std::is_same_v<KT, float> && rows <= 8 && D % kLanes == 0;
-  const float* key_rows[kKeyTile];
-  const float* value_rows[kKeyTile];
+  const bool direct = rows <= 8 && D % kLanes == 0;
+  const KT* key_rows[kKeyTile];
+  const KT* value_rows[kKeyTile];
 
   for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
     const int keys = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - k0));
@@ -239,10 +241,10 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
         const int64_t key = k0 + c;
         const int64_t page = std::clamp<int64_t>(table[key / pb.page_size], 0, pb.num_pages - 1);
         const int64_t at = ((page * pb.page_size + key % pb.page_size) * pb.kv_heads + item.kv_head) * D;
-        key_rows[c] = reinterpret_cast<const float*>(kin + at);
-        value_rows[c] = reinterpret_cast<const float*>(vin + at);
+        key_rows[c] = kin + at;
+        value_rows[c] = vin + at;
       }
-      OverRows<ScoreDirect>(rows, static_cast<const float*>(s.q.data()), static_cast<const float* const*>(key_rows),
+      OverRows<ScoreDirect>(rows, static_cast<const float*>(s.q.data()), static_cast<const KT* const*>(key_rows),
                             keys, D, s.scores.data());
     } else {
       for (int c = 0; c < kKeyTile; ++c) {
@@ -297,7 +299,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
     }
     if (direct) {
       OverRows<AccumulateDirect>(rows, static_cast<const float*>(s.scores.data()),
-                                 static_cast<const float* const*>(value_rows), D, keys, s.acc.data());
+                                 static_cast<const KT* const*>(value_rows), D, keys, s.acc.data());
     } else {
       AccumulateAll(rows, s.scores.data(), s.v.data(), D, keys, s.acc.data());
     }
