@@ -31,7 +31,7 @@ namespace {
 using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
 
 constexpr int kKeyTile = 64;
-constexpr int kQueryTile = 16;
+constexpr int kQueryTile = 32;
 constexpr float kMasked = -1e30f;
 constexpr int kTileVecs = kKeyTile / kLanes;  // vectors per tile row
 
