@@ -4,7 +4,8 @@
 // 50-300 microseconds each, and a pool thread woken from sleep for each one arrived late
 // enough that the caller did most items alone (weights streamed at one core's ~10-12 GB/s;
 // profile in BUILD_NOTES.md). Workers here spin for kSpinMicros after a job, so back-to-back
-// calls find them awake; after that they sleep on a condition variable and cost nothing.
+// calls find them awake; after that they sleep on a condition variable and cost nothing
+// (TESSERA_CPU_SPIN_US sets the spin).
 //
 // One job at a time: a caller that finds a job running (XLA may run two custom calls at
 // once) does its own items alone rather than wait. Workers = usable cores - 1, or
@@ -13,6 +14,7 @@
 #include <emmintrin.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -27,7 +29,12 @@
 namespace tessera_cpu {
 namespace {
 
-constexpr int64_t kSpinMicros = 200;
+constexpr int64_t kDefaultSpinMicros = 200;
+
+int64_t SpinMicros() {  // TESSERA_CPU_SPIN_US overrides
+  if (const char* env = std::getenv("TESSERA_CPU_SPIN_US")) return std::max(0L, std::atol(env));
+  return kDefaultSpinMicros;
+}
 
 int UsableCores() {
   if (const char* env = std::getenv("TESSERA_CPU_THREADS")) {
@@ -90,7 +97,7 @@ class SpinPool {
     for (;;) {
       const auto since = std::chrono::steady_clock::now();
       while (generation_.load() == seen) {
-        if (std::chrono::steady_clock::now() - since < std::chrono::microseconds(kSpinMicros)) {
+        if (std::chrono::steady_clock::now() - since < spin_) {
           _mm_pause();
           continue;
         }
@@ -109,6 +116,7 @@ class SpinPool {
     }
   }
 
+  const std::chrono::microseconds spin_{SpinMicros()};
   std::mutex run_mu_;  // one job at a time
   std::mutex job_mu_;  // guards job_ and its generation together
   std::shared_ptr<Job> job_;
