@@ -180,28 +180,20 @@ struct AccumulateDirect {
   }
 };
 
-// Rows [r, r + R) of the item: scores against the tile, or values into the accumulator.
-inline void ScoreAll(int64_t rows, const float* q, const float* kt, int64_t dim, float* scores) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) ScoreRows<4>(q + r * dim, kt, dim, scores + r * kKeyTile);
-  switch (rows - r) {  // decode items have `group` rows: 1 to 8
-    case 3: ScoreRows<3>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
-    case 2: ScoreRows<2>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
-    case 1: ScoreRows<1>(q + r * dim, kt, dim, scores + r * kKeyTile); break;
-    default: break;
+// The transposed-tile path's row kernels, for OverRows.
+template <int R>
+struct ScoreTile {
+  static void Run(int64_t r, const float* q, const float* kt, int64_t dim, float* scores) {
+    ScoreRows<R>(q + r * dim, kt, dim, scores + r * kKeyTile);
   }
-}
+};
 
-inline void AccumulateAll(int64_t rows, const float* p, const float* v, int64_t dim, int keys, float* acc) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) AccumulateRows<4>(p + r * kKeyTile, v, dim, keys, acc + r * dim);
-  switch (rows - r) {
-    case 3: AccumulateRows<3>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
-    case 2: AccumulateRows<2>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
-    case 1: AccumulateRows<1>(p + r * kKeyTile, v, dim, keys, acc + r * dim); break;
-    default: break;
+template <int R>
+struct AccumulateTile {
+  static void Run(int64_t r, const float* p, const float* v, int64_t dim, int keys, float* acc) {
+    AccumulateRows<R>(p + r * kKeyTile, v, dim, keys, acc + r * dim);
   }
-}
+};
 
 template <typename QT, typename KT>
 void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
@@ -262,7 +254,8 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
           for (int64_t d = 0; d < D; ++d) s.v[c * D + d] = ToFloat(vin[at + d]);
         }
       }
-      ScoreAll(rows, s.q.data(), s.kt.data(), D, s.scores.data());
+      OverRows<ScoreTile>(rows, static_cast<const float*>(s.q.data()), static_cast<const float*>(s.kt.data()), D,
+                          s.scores.data());
     }
 
     for (int64_t r = 0; r < rows; ++r) {
@@ -301,7 +294,8 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
       OverRows<AccumulateDirect>(rows, static_cast<const float*>(s.scores.data()),
                                  static_cast<const KT* const*>(value_rows), D, keys, s.acc.data());
     } else {
-      AccumulateAll(rows, s.scores.data(), s.v.data(), D, keys, s.acc.data());
+      OverRows<AccumulateTile>(rows, static_cast<const float*>(s.scores.data()), static_cast<const float*>(s.v.data()),
+                               D, keys, s.acc.data());
     }
   }
 
