@@ -136,7 +136,7 @@ void Item(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int6
 
 #endif  // TESSERA_HAVE_AMX
 
-ffi::Error AmxLinear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ffi::AnyBuffer> y) {
+ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ffi::AnyBuffer> y) {
 #if TESSERA_HAVE_AMX
   if (!AmxPermitted()) return ffi::Error::Internal("amx_linear: Linux refused this process the AMX tile state");
   const auto xd = x.dimensions(), wd = wp.dimensions();
@@ -188,7 +188,6 @@ extern "C" int TesseraAmxReady() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraAmxLinear, AmxLinear,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x
                                   .Arg<ffi::Buffer<ffi::BF16>>()    // packed weight
                                   .Ret<ffi::AnyBuffer>());          // y

@@ -1,5 +1,5 @@
 // Shared by the CPU kernels: bfloat16 conversion, 16-float vectors, and a parallel loop on
-// XLA's intra-op thread pool.
+// the kernels' own worker threads (spin_pool.cc).
 #pragma once
 
 #include <algorithm>
@@ -59,6 +59,9 @@ inline Vec LoadAsFloat(const uint16_t* p) {
 // Runs call(ctx, 0..n-1) on the calling thread and the kernels' own worker threads
 // (spin_pool.cc), returning when every item is done.
 void RunParallel(int64_t n, void (*call)(const void*, int64_t), const void* ctx);
+
+// Threads a RunParallel job can use: the caller and the workers.
+int ParallelThreads();
 
 template <typename Fn>
 void ParallelFor(int64_t n, const Fn& fn) {

@@ -150,7 +150,7 @@ void ItemNK(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
 }
 
 template <typename WT>
-void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& s, bool nk, float* y) {
+void Multiply(const float* x, const WT* w, const Shapes& s, bool nk, float* y) {
   if (nk) {
     ParallelFor((s.n + kOutputBlock - 1) / kOutputBlock, [&](int64_t i) { ItemNK(x, w, s, i, y); });
     return;
@@ -160,7 +160,7 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& 
     return;
   }
   // Up to kRowsByK rows: K split into one run of rows per thread, partial products summed.
-  const int64_t parts = std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(1, s.k / 64));
+  const int64_t parts = std::clamp<int64_t>(ParallelThreads(), 1, std::max<int64_t>(1, s.k / 64));
   if (parts == 1) return RowsKN(x, w, s, 0, s.k, y);
   std::vector<float> partial(parts * s.rows * s.n);
   const int64_t step = (s.k / parts + 3) / 4 * 4;
@@ -176,7 +176,7 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const WT* w, const Shapes& 
   }
 }
 
-ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                   std::string_view layout) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const bool nk = layout == "nk";
@@ -201,9 +201,9 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     yf = y_f32.data();
   }
   if (w.element_type() == ffi::DataType::BF16) {
-    Multiply(pool, xf, static_cast<const uint16_t*>(w.untyped_data()), s, nk, yf);
+    Multiply(xf, static_cast<const uint16_t*>(w.untyped_data()), s, nk, yf);
   } else {
-    Multiply(pool, xf, static_cast<const float*>(w.untyped_data()), s, nk, yf);
+    Multiply(xf, static_cast<const float*>(w.untyped_data()), s, nk, yf);
   }
   if (x_bf16) {
     auto* yb = static_cast<uint16_t*>(y->untyped_data());
@@ -216,7 +216,6 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraLinear, Linear,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // w
                                   .Ret<ffi::AnyBuffer>()  // y

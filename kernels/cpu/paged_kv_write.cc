@@ -24,7 +24,7 @@ ffi::Error WriteKVPages(ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages, ffi::Any
     return ffi::Error::InvalidArgument("paged_kv_write: pages must be rank 4 and new rows rank 3");
   }
   const int64_t num_slots = pd[0] * pd[1], row = pd[2] * pd[3], tokens = nd[0];
-  if (nd[1] * nd[2] != row || slots.element_count() != tokens || v_pages.element_count() != k_pages.element_count() ||
+  if (nd[1] * nd[2] != row || static_cast<int64_t>(slots.element_count()) != tokens || v_pages.element_count() != k_pages.element_count() ||
       v_new.element_count() != k_new.element_count()) {
     return ffi::Error::InvalidArgument("paged_kv_write: inconsistent shapes");
   }

@@ -307,7 +307,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
   }
 }
 
-ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
+ffi::Error RaggedPagedAttention(ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
                                 ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> block_tables,
                                 ffi::Buffer<ffi::S32> context_lens, ffi::Buffer<ffi::S32> query_start_loc,
                                 ffi::Result<ffi::AnyBuffer> out, float sm_scale, int32_t sliding_window,
@@ -330,7 +330,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   pb.seqs = td[0];
   pb.max_blocks = td[1];
   if (kd[3] != pb.dim || pb.kv_heads <= 0 || pb.heads % pb.kv_heads != 0 || pb.page_size <= 0 ||
-      context_lens.element_count() != pb.seqs || query_start_loc.element_count() != pb.seqs + 1) {
+      static_cast<int64_t>(context_lens.element_count()) != pb.seqs ||
+      static_cast<int64_t>(query_start_loc.element_count()) != pb.seqs + 1) {
     return ffi::Error::InvalidArgument("ragged_paged_attention: inconsistent shapes");
   }
   pb.group = pb.heads / pb.kv_heads;
@@ -380,7 +381,6 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraRaggedPagedAttention, RaggedPagedAttention,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()       // q
                                   .Arg<ffi::AnyBuffer>()       // k_pages
                                   .Arg<ffi::AnyBuffer>()       // v_pages

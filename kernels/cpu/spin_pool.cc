@@ -64,9 +64,11 @@ struct Job {
 
 class SpinPool {
  public:
-  SpinPool() {
-    for (int t = 1; t < UsableCores(); ++t) std::thread([this] { Work(); }).detach();
+  SpinPool() : threads_(std::max(1, UsableCores())) {
+    for (int t = 1; t < threads_; ++t) std::thread([this] { Work(); }).detach();
   }
+
+  int threads() const { return threads_; }
 
   void Run(int64_t n, void (*call)(const void*, int64_t), const void* ctx) {
     std::unique_lock<std::mutex> running(run_mu_, std::try_to_lock);
@@ -116,6 +118,7 @@ class SpinPool {
     }
   }
 
+  const int threads_;
   const std::chrono::microseconds spin_{SpinMicros()};
   std::mutex run_mu_;  // one job at a time
   std::mutex job_mu_;  // guards job_ and its generation together
@@ -126,11 +129,15 @@ class SpinPool {
   std::condition_variable wake_;
 };
 
+SpinPool& Pool() {
+  static SpinPool* pool = new SpinPool();  // never destroyed: its threads live as long as the process
+  return *pool;
+}
+
 }  // namespace
 
-void RunParallel(int64_t n, void (*call)(const void*, int64_t), const void* ctx) {
-  static SpinPool* pool = new SpinPool();  // never destroyed: its threads live as long as the process
-  pool->Run(n, call, ctx);
-}
+void RunParallel(int64_t n, void (*call)(const void*, int64_t), const void* ctx) { Pool().Run(n, call, ctx); }
+
+int ParallelThreads() { return Pool().threads(); }
 
 }  // namespace tessera_cpu
