@@ -19,6 +19,7 @@ from kernels.cpu_library import available, library, register
 TARGET = "tessera_amx_linear"
 K_STEP = 32  # K is padded with zero rows to a multiple of this
 N_STEP = 16  # N must be a multiple of this
+BLOCK_N = 32  # columns per packed block
 
 
 @functools.cache
@@ -31,13 +32,18 @@ def packable(w: Float[Array, "k n"]) -> bool:
 
 
 def pack_weight(w: Float[Array, "k n"]) -> Float[Array, "k2 two_n"]:
-    """[K, N] -> bfloat16 [Kp / 2, 2 N]: row k2 holds (w[2 k2, n], w[2 k2 + 1, n]) for each n."""
+    """[K, N] -> bfloat16 [Kp / 2, 2 N] holding column blocks of 32 one after another (the
+    last 16 wide when N % 32 == 16): block b is [Kp / 2, width, 2], whose row k2 holds
+    (w[2 k2, n], w[2 k2 + 1, n]) for the block's columns n. K is padded with zero rows to Kp."""
     k, n = w.shape
     if n % N_STEP:
         raise ValueError(f"AMX packing needs N a multiple of {N_STEP}, got {n}")
     kp = -(-k // K_STEP) * K_STEP
-    w = jnp.pad(w.astype(jnp.bfloat16), ((0, kp - k), (0, 0)))
-    return w.reshape(kp // 2, 2, n).transpose(0, 2, 1).reshape(kp // 2, 2 * n)
+    pairs = jnp.pad(w.astype(jnp.bfloat16), ((0, kp - k), (0, 0))).reshape(kp // 2, 2, n).transpose(0, 2, 1)
+    full = n // BLOCK_N * BLOCK_N  # [Kp / 2, N, 2] -> full blocks [N / 32, Kp / 2, 32, 2], then the tail
+    blocks = pairs[:, :full].reshape(kp // 2, full // BLOCK_N, BLOCK_N, 2).transpose(1, 0, 2, 3)
+    flat = jnp.concatenate([blocks.reshape(-1), pairs[:, full:].reshape(-1)])
+    return flat.reshape(kp // 2, 2 * n)
 
 
 def amx_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"]) -> Float[Array, "rows n"]:

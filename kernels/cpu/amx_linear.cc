@@ -1,18 +1,27 @@
-// y = x @ W with Intel AMX bfloat16 tiles, as an XLA FFI custom call.
+// y = x @ W on bfloat16 weights packed for Intel AMX tiles and AVX-512 BF16, as an XLA FFI
+// custom call.
 //
-// W is packed once at load time (kernels/amx_linear.py): [K, N] bfloat16 becomes [Kp / 2, N, 2]
-// (Kp = K rounded up to 32, zero rows added), the "VNNI" pairs a tile product reads: row k2
-// holds (W[2 k2, n], W[2 k2 + 1, n]) for every n. x [T, K] (float32 or bfloat16) is rounded to
-// bfloat16 into a zero-padded [Tp, Kp] scratch (Tp = T rounded up to 16); y [T, N] takes x's
-// dtype; products accumulate in float32.
+// W is packed once at load time (kernels/amx_linear.py): [K, N] bfloat16, K padded with zero
+// rows to Kp (a multiple of 32), is cut into column blocks of 32 (the last one 16 wide when
+// N % 32 == 16). Block b, at element b * 32 * Kp, is [Kp / 2, width, 2]: row k2 holds the
+// "VNNI" pairs (W[2 k2, n], W[2 k2 + 1, n]) of its columns, the operand a tile product and
+// vdpbf16ps read. x [T, K] (float32 or bfloat16) is rounded to bfloat16 into a zero-padded
+// [Tp, Kp] scratch; y [T, N] takes x's dtype; products accumulate in float32.
+//
+// Why blocks: a work item then reads its columns as one contiguous stream, which the hardware
+// prefetchers follow. With the pairs row-major ([Kp / 2, 2 N]) every tile load gathered
+// 64-byte pieces 4 N bytes apart, and a decode step streamed weights at ~10 GB/s.
 //
 // Why it exists: XLA CPU computes bfloat16 products without AMX (~250 GFLOP/s on this 2-core
 // machine for a prompt chunk, ~1.5 GB/s of weights for a decode step); torch's oneDNN reaches
 // ~2,100 GFLOP/s with AMX on the same products.
 //
-// Shape of the work: one item per block of 64 output columns (4 accumulator tiles); it walks
-// every 16-row block of x, and for each 32-wide step of K loads one A tile of x and four B
-// tiles of W. Tiles: 0-3 accumulators (16 x 16 float32), 4 x (16 x 32 bfloat16), 5-6 W.
+// Shape of the work: up to kVectorRows rows (decode steps), one item per column block, with
+// the rows' 32-column sums in AVX-512 registers (vdpbf16ps against a broadcast pair of x); a
+// tile would waste 15 of its 16 rows there. More rows: one item per 64 columns (4
+// accumulator tiles), walking every 16-row block of x, and for each 32-wide step of K one A
+// tile of x and four B tiles of W. Tiles: 0-3 accumulators (16 x 16 float32),
+// 4 x (16 x 32 bfloat16), 5-6 W.
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,15 +40,108 @@
 #else
 #define TESSERA_HAVE_AMX 0
 #endif
+// Every CPU with AMX has AVX-512 BF16 too; the check keeps the build honest where a compiler
+// says otherwise.
+#if TESSERA_HAVE_AMX && defined(__AVX512BF16__)
+#define TESSERA_HAVE_VECTOR_BF16 1
+#else
+#define TESSERA_HAVE_VECTOR_BF16 0
+#endif
 
 namespace {
 
 using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
 
-constexpr int kTileRows = 16;  // rows of x per A tile, and K pairs per B tile
-constexpr int kTileK = 32;     // bfloat16 elements of K per A tile row
-constexpr int kTileN = 16;     // float32 columns per accumulator tile
-constexpr int kBlockTiles = 4; // accumulator tiles per work item
+constexpr int kTileRows = 16;   // rows of x per A tile, and K pairs per B tile
+constexpr int kTileK = 32;      // bfloat16 elements of K per A tile row
+constexpr int kTileN = 16;      // float32 columns per accumulator tile (and per AVX-512 register)
+constexpr int kBlockTiles = 4;  // accumulator tiles per tile work item
+constexpr int kBlockN = 32;     // columns per packed block
+constexpr int kVectorRows = 4;  // up to this many rows of x: AVX-512 BF16, not tiles
+constexpr int64_t kPrefetchPairs = 32;  // AVX-512 path: how many k2 rows ahead (4 KiB of a full block) to prefetch
+
+// Columns [col, col + 16) of the packed weight: their k2 = 0 row, and elements per k2 row.
+struct Panel {
+  const uint16_t* base;
+  int64_t row_elems;
+};
+
+inline Panel ColumnPanel(const uint16_t* wp, int64_t kp, int64_t n, int64_t col) {
+  const int64_t block = col / kBlockN, width = std::min<int64_t>(kBlockN, n - block * kBlockN);
+  return {wp + block * kBlockN * kp + 2 * (col - block * kBlockN), 2 * width};
+}
+
+// y rows [r0, r0 + rows) and columns [n0, n0 + width) from a float32 block of that width.
+template <typename YT>
+void StoreRows(const float* block, int64_t r0, int64_t rows, int width, int64_t n, int64_t n0, YT* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = block + r * width;
+    YT* dst = y + (r0 + r) * n + n0;
+    for (int c = 0; c < width; ++c) {
+      if constexpr (sizeof(YT) == 4) {
+        dst[c] = src[c];
+      } else {
+        dst[c] = F32ToBf16(src[c]);
+      }
+    }
+  }
+}
+
+#if TESSERA_HAVE_VECTOR_BF16
+
+// R rows x (V x 16) columns of one packed block, over all of Kp. Two accumulator sets (even
+// and odd k2) keep the dependent vdpbf16ps chains short at one row.
+template <int R, int V>
+void VectorBlock(const uint16_t* xa, int64_t kp, const uint16_t* block, float* out /* [R, V * 16] */) {
+  __m512 acc[2][R][V];
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[p][r][v] = _mm512_setzero_ps();
+  const int64_t pairs = kp / 2;  // even: Kp is a multiple of 32
+  const auto* x_pairs = reinterpret_cast<const uint32_t*>(xa);
+  constexpr int64_t kRowElems = V * 2 * kTileN;
+  for (int64_t k2 = 0; k2 < pairs; k2 += 2) {
+    for (int l = 0; l < 2 * V; ++l) __builtin_prefetch(block + (k2 + kPrefetchPairs) * kRowElems + l * 32);
+    for (int p = 0; p < 2; ++p) {
+      const uint16_t* row = block + (k2 + p) * kRowElems;
+      __m512i w[V];
+      for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_si512(row + v * 2 * kTileN);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(x_pairs[r * pairs + k2 + p]));
+        for (int v = 0; v < V; ++v) acc[p][r][v] = _mm512_dpbf16_ps(acc[p][r][v], xr, (__m512bh)w[v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (r * V + v) * kTileN, _mm512_add_ps(acc[0][r][v], acc[1][r][v]));
+}
+
+template <int R, typename YT>
+void VectorItem(const uint16_t* xa, int64_t kp, const uint16_t* wp, int64_t n, int64_t i, YT* y) {
+  const int64_t n0 = i * kBlockN;
+  const uint16_t* block = wp + i * kBlockN * kp;
+  float out[R * kBlockN];
+  if (n - n0 >= kBlockN) {
+    VectorBlock<R, 2>(xa, kp, block, out);
+    StoreRows(out, 0, R, kBlockN, n, n0, y);
+  } else {
+    VectorBlock<R, 1>(xa, kp, block, out);
+    StoreRows(out, 0, R, kTileN, n, n0, y);
+  }
+}
+
+template <typename YT>
+void VectorProduct(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, YT* y) {
+  const int64_t items = (n + kBlockN - 1) / kBlockN;
+  switch (rows) {
+    case 1: ParallelFor(items, [&](int64_t i) { VectorItem<1>(xa, kp, wp, n, i, y); }); break;
+    case 2: ParallelFor(items, [&](int64_t i) { VectorItem<2>(xa, kp, wp, n, i, y); }); break;
+    case 3: ParallelFor(items, [&](int64_t i) { VectorItem<3>(xa, kp, wp, n, i, y); }); break;
+    default: ParallelFor(items, [&](int64_t i) { VectorItem<4>(xa, kp, wp, n, i, y); }); break;
+  }
+}
+
+#endif  // TESSERA_HAVE_VECTOR_BF16
 
 #if TESSERA_HAVE_AMX
 
@@ -72,30 +174,28 @@ void ConfigureTiles() {
   _tile_loadconfig(&cfg);
 }
 
-// C tiles [0, NT) += x rows [r0, r0 + 16) x W columns [n0, n0 + 16 NT), over all of Kp.
+// C tiles [0, NT) += x rows [r0, r0 + 16) x the NT column panels, over all of Kp.
 template <int NT>
-void TileBlock(const uint16_t* xa, int64_t kp, const uint16_t* wp, int64_t n, int64_t r0, int64_t n0,
-               float* out /* [16, NT * 16] */) {
+void TileBlock(const uint16_t* xa, int64_t kp, const Panel* panel, int64_t r0, float* out /* [16, NT * 16] */) {
   _tile_zero(0);
   if constexpr (NT > 1) _tile_zero(1);
   if constexpr (NT > 2) _tile_zero(2);
   if constexpr (NT > 3) _tile_zero(3);
-  const int64_t w_stride = 4 * n;  // bytes per packed row: N pairs of bfloat16
   for (int64_t k = 0; k < kp; k += kTileK) {
+    const int64_t k2 = k / 2;
     _tile_loadd(4, xa + r0 * kp + k, kp * 2);
-    const uint16_t* wrow = wp + (k / 2) * 2 * n + 2 * n0;
-    _tile_loadd(5, wrow, w_stride);
+    _tile_loadd(5, panel[0].base + k2 * panel[0].row_elems, panel[0].row_elems * 2);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (NT > 1) {
-      _tile_loadd(6, wrow + 2 * kTileN, w_stride);
+      _tile_loadd(6, panel[1].base + k2 * panel[1].row_elems, panel[1].row_elems * 2);
       _tile_dpbf16ps(1, 4, 6);
     }
     if constexpr (NT > 2) {
-      _tile_loadd(5, wrow + 4 * kTileN, w_stride);
+      _tile_loadd(5, panel[2].base + k2 * panel[2].row_elems, panel[2].row_elems * 2);
       _tile_dpbf16ps(2, 4, 5);
     }
     if constexpr (NT > 3) {
-      _tile_loadd(6, wrow + 6 * kTileN, w_stride);
+      _tile_loadd(6, panel[3].base + k2 * panel[3].row_elems, panel[3].row_elems * 2);
       _tile_dpbf16ps(3, 4, 6);
     }
   }
@@ -107,31 +207,31 @@ void TileBlock(const uint16_t* xa, int64_t kp, const uint16_t* wp, int64_t n, in
 }
 
 template <typename YT>
-void Item(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, int64_t i, YT* y) {
+void TileItem(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, int64_t i, YT* y) {
   ConfigureTiles();
   const int64_t n0 = i * kBlockTiles * kTileN;
   const int tiles = static_cast<int>(std::min<int64_t>(kBlockTiles, (n - n0) / kTileN));
+  Panel panel[kBlockTiles];
+  for (int t = 0; t < tiles; ++t) panel[t] = ColumnPanel(wp, kp, n, n0 + t * kTileN);
   float block[kTileRows * kBlockTiles * kTileN];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     switch (tiles) {
-      case 4: TileBlock<4>(xa, kp, wp, n, r0, n0, block); break;
-      case 3: TileBlock<3>(xa, kp, wp, n, r0, n0, block); break;
-      case 2: TileBlock<2>(xa, kp, wp, n, r0, n0, block); break;
-      default: TileBlock<1>(xa, kp, wp, n, r0, n0, block); break;
+      case 4: TileBlock<4>(xa, kp, panel, r0, block); break;
+      case 3: TileBlock<3>(xa, kp, panel, r0, block); break;
+      case 2: TileBlock<2>(xa, kp, panel, r0, block); break;
+      default: TileBlock<1>(xa, kp, panel, r0, block); break;
     }
-    const int width = tiles * kTileN;
-    for (int64_t r = r0; r < std::min<int64_t>(r0 + kTileRows, rows); ++r) {
-      const float* src = block + (r - r0) * width;
-      YT* dst = y + r * n + n0;
-      for (int c = 0; c < width; ++c) {
-        if constexpr (sizeof(YT) == 4) {
-          dst[c] = src[c];
-        } else {
-          dst[c] = F32ToBf16(src[c]);
-        }
-      }
-    }
+    StoreRows(block, r0, std::min<int64_t>(kTileRows, rows - r0), tiles * kTileN, n, n0, y);
   }
+}
+
+template <typename YT>
+void Product(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, YT* y) {
+#if TESSERA_HAVE_VECTOR_BF16
+  if (rows <= kVectorRows) return VectorProduct(xa, rows, kp, wp, n, y);
+#endif
+  const int64_t items = (n + kBlockTiles * kTileN - 1) / (kBlockTiles * kTileN);
+  ParallelFor(items, [&](int64_t i) { TileItem(xa, rows, kp, wp, n, i, y); });
 }
 
 #endif  // TESSERA_HAVE_AMX
@@ -150,7 +250,10 @@ ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ff
   if (!IsFloat(x.element_type()) || y->element_type() != x.element_type()) {
     return ffi::Error::InvalidArgument("amx_linear: x float32 or bfloat16; y takes x's type");
   }
-  const int64_t padded_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
+  if (rows == 0) return ffi::Error::Success();
+  // x as bfloat16 rows of Kp (zeros past K), in whole 16-row tiles when tiles will read it.
+  const bool tiles = !TESSERA_HAVE_VECTOR_BF16 || rows > kVectorRows;
+  const int64_t padded_rows = tiles ? (rows + kTileRows - 1) / kTileRows * kTileRows : rows;
   std::vector<uint16_t> xa(padded_rows * kp, 0);
   if (x.element_type() == ffi::DataType::BF16) {
     const auto* src = static_cast<const uint16_t*>(x.untyped_data());
@@ -161,13 +264,10 @@ ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ff
       for (int64_t c = 0; c < k; ++c) xa[r * kp + c] = F32ToBf16(src[r * k + c]);
   }
   const auto* w = reinterpret_cast<const uint16_t*>(wp.typed_data());
-  const int64_t items = (n + kBlockTiles * kTileN - 1) / (kBlockTiles * kTileN);
   if (y->element_type() == ffi::DataType::BF16) {
-    auto* out = static_cast<uint16_t*>(y->untyped_data());
-    ParallelFor(items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
+    Product(xa.data(), rows, kp, w, n, static_cast<uint16_t*>(y->untyped_data()));
   } else {
-    auto* out = static_cast<float*>(y->untyped_data());
-    ParallelFor(items, [&](int64_t i) { Item(xa.data(), rows, kp, w, n, i, out); });
+    Product(xa.data(), rows, kp, w, n, static_cast<float*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 #else

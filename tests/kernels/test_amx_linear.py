@@ -11,8 +11,8 @@ from kernels.amx_linear import amx_linear, amx_ready, pack_weight
 pytestmark = pytest.mark.skipif(not amx_ready(), reason="this CPU has no AMX bfloat16 tiles")
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 100])
-@pytest.mark.parametrize("k, n", [(576, 960), (40, 48), (1536, 576), (64, 16), (33, 3072)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 100])
+@pytest.mark.parametrize("k, n", [(576, 960), (40, 48), (1536, 576), (64, 16), (33, 3072), (96, 80)])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 def test_products_match_numpy(rows, k, n, x_dtype):
     rng = np.random.default_rng(rows * 7 + k + n)
@@ -28,11 +28,16 @@ def test_products_match_numpy(rows, k, n, x_dtype):
 
 
 def test_packing_layout_and_refusals():
-    w = jnp.arange(6 * 16, dtype=jnp.float32).reshape(6, 16)
+    w = jnp.arange(6 * 48, dtype=jnp.float32).reshape(6, 48)  # one block of 32 columns, a tail of 16
     packed = np.asarray(pack_weight(w).astype(jnp.float32))
-    assert packed.shape == (16, 32)  # K 6 -> 32 rows, in pairs
-    np.testing.assert_array_equal(packed[1, :4], [32, 48, 33, 49])  # (w[2, n], w[3, n]) for n = 0, 1
-    assert np.all(packed[3:] == 0)
+    assert packed.shape == (16, 96)  # K 6 -> 32 rows, in pairs
+    block = packed.reshape(-1)[: 16 * 64].reshape(16, 32, 2)  # [K / 2, columns, pair]
+    np.testing.assert_array_equal(block[1, :2], [[96, 144], [97, 145]])  # (w[2, n], w[3, n]) for n = 0, 1
+    assert np.all(block[3:] == 0)
+    tail = packed.reshape(-1)[16 * 64 :].reshape(16, 16, 2)
+    np.testing.assert_array_equal(tail[0, 0], [32, 80])  # (w[0, 32], w[1, 32])
+    np.testing.assert_array_equal(tail[1, 15], [2 * 48 + 47, 3 * 48 + 47])  # (w[2, 47], w[3, 47])
+    assert np.all(tail[3:] == 0)
     with pytest.raises(ValueError, match="N a multiple of 16"):
         pack_weight(jnp.ones((8, 10)))
     with pytest.raises(ValueError, match="x has 40 columns but the packed weight holds K up to 32"):
