@@ -23,30 +23,14 @@
 // tile of x and four B tiles of W. Tiles: 0-3 accumulators (16 x 16 float32),
 // 4 x (16 x 32 bfloat16), 5-6 W.
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "amx.h"
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <immintrin.h>
-#define TESSERA_HAVE_AMX 1
-#else
-#define TESSERA_HAVE_AMX 0
-#endif
-// Every CPU with AMX has AVX-512 BF16 too; the check keeps the build honest where a compiler
-// says otherwise.
-#if TESSERA_HAVE_AMX && defined(__AVX512BF16__)
-#define TESSERA_HAVE_VECTOR_BF16 1
-#else
-#define TESSERA_HAVE_VECTOR_BF16 0
-#endif
 
 namespace {
 
@@ -144,35 +128,6 @@ void VectorProduct(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t*
 #endif  // TESSERA_HAVE_VECTOR_BF16
 
 #if TESSERA_HAVE_AMX
-
-// Linux hands out the tile registers per process on request; without it the first tile
-// instruction is an illegal instruction. Asked once.
-bool AmxPermitted() {
-  static const bool permitted = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Loaded at every item, not once per thread: other code on XLA's threads (its own kernel
-// libraries) may configure the tiles differently between our calls.
-void ConfigureTiles() {
-  TileConfig cfg;
-  for (int t = 0; t <= 6; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // C tiles [0, NT) += x rows [r0, r0 + 16) x the NT column panels, over all of Kp.
 template <int NT>

@@ -14,7 +14,8 @@
 // tiles of kKeyTile: the tile's keys are gathered from their pages transposed to
 // [D, kKeyTile], so a score row is D broadcast-multiply-adds over a contiguous vector, and
 // values are gathered [kKeyTile, D] for the same reason. Keys a causal query cannot see are
-// never visited (tiles stop at the item's last query position).
+// never visited (tiles stop at the item's last query position). bfloat16 items with more
+// query rows than a decode step go to AMX tiles instead (ragged_paged_attention_amx.cc).
 
 #include <algorithm>
 #include <cmath>
@@ -24,37 +25,21 @@
 #include <vector>
 
 #include "common.h"
+#include "ragged_paged_attention.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
 
 using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
 
-constexpr int kKeyTile = 64;
-constexpr int kQueryTile = 32;
-constexpr float kMasked = -1e30f;
 constexpr int kTileVecs = kKeyTile / kLanes;  // vectors per tile row
+constexpr int kDirectRows = 8;  // up to this many query rows (decode items): dot products against the pages
 
 // Element types as stored: float32 as float, bfloat16 as its 16 bits.
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) { return Bf16ToF32(x); }
 inline void Store(float x, float* p) { *p = x; }
 inline void Store(float x, uint16_t* p) { *p = F32ToBf16(x); }
-
-struct Problem {
-  const void *q, *k, *v;
-  void* out;
-  const int32_t* tables;
-  const int32_t* context_lens;
-  const int32_t* qsl;  // query_start_loc, clamped to [0, tokens] and non-decreasing
-  int64_t tokens, heads, kv_heads, group, dim, page_size, num_pages, seqs, max_blocks;
-  float sm_scale, soft_cap;
-  int32_t window;
-};
-
-struct WorkItem {
-  int32_t seq, kv_head, first, count;  // query tokens [first, first + count) of seq
-};
 
 // Per-thread scratch, reused across items and calls.
 struct Scratch {
@@ -202,11 +187,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
   const KT* vin = static_cast<const KT*>(pb.v);
   QT* out = static_cast<QT*>(pb.out);
   const int64_t D = pb.dim, G = pb.group, rows = static_cast<int64_t>(item.count) * G;
-  const int32_t q_start = pb.qsl[item.seq], q_len = pb.qsl[item.seq + 1] - q_start;
-  const int64_t max_keys = pb.max_blocks * pb.page_size;
-  const int64_t kv_len = std::min<int64_t>(std::max(pb.context_lens[item.seq], 0), max_keys);
-  // Query i of the sequence sits at position kv_len - q_len + i.
-  const int64_t first_pos = kv_len - q_len + (item.first - q_start);
+  const auto [first_pos, key_begin, key_end] = SpanOf(pb, item);
   s.Fit(rows, D);
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -218,11 +199,8 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
   std::fill(s.row_max.begin(), s.row_max.begin() + rows, kMasked);
   std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
 
-  const int64_t last_pos = first_pos + item.count - 1;
-  const int64_t key_end = std::min(kv_len, last_pos + 1);
-  const int64_t key_begin = pb.window > 0 ? std::max<int64_t>(0, first_pos - pb.window + 1) : 0;
   const int32_t* table = pb.tables + static_cast<int64_t>(item.seq) * pb.max_blocks;
-  const bool direct = rows <= 8 && D % kLanes == 0;
+  const bool direct = rows <= kDirectRows && D % kLanes == 0;
   const KT* key_rows[kKeyTile];
   const KT* value_rows[kKeyTile];
 
@@ -230,9 +208,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
     const int keys = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - k0));
     if (direct) {
       for (int c = 0; c < keys; ++c) {
-        const int64_t key = k0 + c;
-        const int64_t page = std::clamp<int64_t>(table[key / pb.page_size], 0, pb.num_pages - 1);
-        const int64_t at = ((page * pb.page_size + key % pb.page_size) * pb.kv_heads + item.kv_head) * D;
+        const int64_t at = KeyRowOffset(pb, table, k0 + c, item.kv_head);
         key_rows[c] = kin + at;
         value_rows[c] = vin + at;
       }
@@ -244,9 +220,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
           for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyTile + c] = 0.0f;
           continue;
         }
-        const int64_t key = k0 + c;
-        const int64_t page = std::clamp<int64_t>(table[key / pb.page_size], 0, pb.num_pages - 1);
-        const int64_t at = ((page * pb.page_size + key % pb.page_size) * pb.kv_heads + item.kv_head) * D;
+        const int64_t at = KeyRowOffset(pb, table, k0 + c, item.kv_head);
         for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyTile + c] = ToFloat(kin[at + d]);
         if constexpr (std::is_same_v<KT, float>) {
           std::memcpy(&s.v[c * D], vin + at, D * sizeof(float));
@@ -370,7 +344,10 @@ ffi::Error RaggedPagedAttention(ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     return pb.context_lens[a.seq] - (qsl[a.seq + 1] - a.first) > pb.context_lens[b.seq] - (qsl[b.seq + 1] - b.first);
   });
+  // bfloat16 items with more query rows than a decode step's go to the AMX tiles.
+  const bool amx = q_bf16 && kv_bf16 && AmxAttentionReady(pb);
   ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    if (amx && items[i].count * pb.group > kDirectRows) return RunItemAmx(pb, items[i]);
     thread_local Scratch scratch;
     run(pb, items[i], scratch);
   });

@@ -51,6 +51,22 @@ def test_bfloat16_pages_and_queries():
     assert relative_error(got, case.want) < 1e-2
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (8, 1), (4, 4)])
+@pytest.mark.parametrize("dim", [64, 96, 128, 80])
+@pytest.mark.parametrize("window, soft_cap", [(None, None), (37, None), (None, 30.0)])
+def test_bfloat16_prompt_chunks(heads, kv_heads, dim, window, soft_cap):
+    # Prompt chunks take the AMX tile path where the CPU has it (head_dim a multiple of 32; 80
+    # stays on the vector path): runs of 40 and 33 tokens over 5 key tiles (the last partial),
+    # a decode, an empty slot, a 5-token prefill whose rows do not fill a tile.
+    case = make_case(dim + heads, [1, 40, 33, 0, 5], [13, 50, 300, 0, 5], heads, kv_heads, dim, jnp.bfloat16,
+                     page_size=16, window=window, soft_cap=soft_cap)
+    fn = jax.jit(lambda *a: ragged_paged_attention_cpu(*a, sm_scale=case.sm_scale, sliding_window=window,
+                                                       soft_cap=soft_cap))
+    got = np.asarray(fn(*case.arrays).astype(jnp.float32))
+    assert relative_error(got, case.want) < 1e-2
+    assert np.all(got[79:] == 0)  # the padding tokens
+
+
 def test_agrees_with_the_reference_on_a_mixed_batch():
     case = make_case(11, [1, 1, 1, 24, 5], [40, 7, 129, 60, 5], 12, 4, 64, jnp.float32, page_size=8)
     mine = _run(case)
