@@ -46,15 +46,18 @@ def pack_weight(w: Float[Array, "k n"]) -> Float[Array, "k2 two_n"]:
     return flat.reshape(kp // 2, 2 * n)
 
 
-def amx_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"]) -> Float[Array, "rows n"]:
+def amx_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"], *, gated: bool = False) -> Float[Array, "rows n"]:
     """x [rows, K] @ the packed weight; the result has x's dtype, summed in float32 from
-    bfloat16 operands (x is rounded to bfloat16)."""
+    bfloat16 operands (x is rounded to bfloat16). With `gated`, x is [rows, 2 K] holding
+    (gate, up) and the product is silu(gate) * up @ W, the activation computed in float32."""
     register()
     if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"x must be a float32 or bfloat16 matrix, got {x.dtype}{list(x.shape)}")
-    kp = packed.shape[0] * 2
-    if not kp - K_STEP < x.shape[1] <= kp:
-        raise ValueError(f"x has {x.shape[1]} columns but the packed weight holds K up to {kp}")
+    if gated and x.shape[1] % 2:
+        raise ValueError(f"a gated x holds gate and up side by side: an even width, got {x.shape[1]}")
+    k, kp = x.shape[1] // 2 if gated else x.shape[1], packed.shape[0] * 2
+    if not kp - K_STEP < k <= kp:
+        raise ValueError(f"x has {k} {'gate ' if gated else ''}columns but the packed weight holds K up to {kp}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], packed.shape[1] // 2), x.dtype),
                             vmap_method="sequential")
-    return call(x, packed)
+    return call(x, packed, gated=gated)

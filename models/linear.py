@@ -20,6 +20,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
@@ -42,6 +43,15 @@ def linear(x: Float[Array, "rows k"], w: Float[Array, "..."], impl: str = "xla",
     if impl == "cpu" and x.shape[0] <= MAX_ROWS:
         return linear_cpu(x, w, transposed=transposed)
     return x @ (w.T if transposed else w)
+
+
+def gated_linear(gate_up: Float[Array, "rows two_m"], w: Float[Array, "..."], impl: str = "xla") -> Float[Array, "rows n"]:
+    """silu(gate) * up @ w for gate_up = [gate | up] side by side (an MLP's down projection).
+    The AMX kernel computes the activation while it rounds its operand to bfloat16."""
+    if impl == "amx":
+        return amx_linear(gate_up, w, gated=True)
+    m = gate_up.shape[1] // 2
+    return linear(jax.nn.silu(gate_up[:, :m]) * gate_up[:, m:], w, impl)
 
 
 def use_cpu_linear(model: LoadedModel) -> LoadedModel:
@@ -90,4 +100,4 @@ def _pack_for_amx(module) -> bool:
     return True
 
 
-__all__ = ["MAX_ROWS", "linear", "use_cpu_linear"]
+__all__ = ["MAX_ROWS", "gated_linear", "linear", "use_cpu_linear"]

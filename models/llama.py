@@ -22,7 +22,7 @@ from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
-from models.linear import linear
+from models.linear import gated_linear, linear
 from models.rope import apply_rope, inverse_frequencies
 from models.sharding import MODEL_AXIS
 
@@ -147,6 +147,8 @@ class MLP(nnx.Module):
         impl = getattr(self, "linear_impl", "xla")  # "cpu": models/linear.py
         if hasattr(self, "gate_up_proj"):  # fused for single-device serving (models/fusion.py)
             gate_up = linear(x, self.gate_up_proj[...], impl)
+            if not self.has_bias:
+                return gated_linear(gate_up, self.down_proj[...], impl)
             gate, up = gate_up[:, : gate_up.shape[1] // 2], gate_up[:, gate_up.shape[1] // 2 :]
         else:
             gate, up = x @ self.gate_proj[...], x @ self.up_proj[...]

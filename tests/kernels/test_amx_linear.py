@@ -27,6 +27,22 @@ def test_products_match_numpy(rows, k, n, x_dtype):
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)) / scale, want / scale, atol=tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_product_applies_silu_to_the_gate_half(rows, x_dtype):
+    k, n = 1536, 576  # a down projection: x holds the gate and up projections side by side
+    rng = np.random.default_rng(rows)
+    gate_up = jnp.asarray(rng.standard_normal((rows, 2 * k)) * 3, x_dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    g, u = np.split(np.asarray(gate_up.astype(jnp.float32)), 2, axis=1)
+    h = np.asarray(jnp.asarray(g / (1 + np.exp(-g)) * u).astype(jnp.bfloat16).astype(jnp.float32))
+    want = h @ np.asarray(w.astype(jnp.float32))
+    got = np.asarray(jax.jit(lambda a, b: amx_linear(a, b, gated=True))(gate_up, pack_weight(w)).astype(jnp.float32))
+    scale = np.abs(want).max()
+    # An activation a float32 ulp away from numpy's can round to the neighbouring bfloat16.
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-4 if x_dtype == jnp.float32 else 1e-2)
+
+
 def test_packing_layout_and_refusals():
     w = jnp.arange(6 * 48, dtype=jnp.float32).reshape(6, 48)  # one block of 32 columns, a tail of 16
     packed = np.asarray(pack_weight(w).astype(jnp.float32))
@@ -42,3 +58,7 @@ def test_packing_layout_and_refusals():
         pack_weight(jnp.ones((8, 10)))
     with pytest.raises(ValueError, match="x has 40 columns but the packed weight holds K up to 32"):
         amx_linear(jnp.ones((2, 40)), pack_weight(jnp.ones((30, 16))))
+    with pytest.raises(ValueError, match="an even width, got 41"):
+        amx_linear(jnp.ones((2, 41)), pack_weight(jnp.ones((20, 16))), gated=True)
+    with pytest.raises(ValueError, match="x has 40 gate columns"):
+        amx_linear(jnp.ones((2, 80)), pack_weight(jnp.ones((30, 16))), gated=True)
