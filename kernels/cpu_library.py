@@ -31,6 +31,9 @@ HANDLERS = {
     "tessera_linear": "TesseraLinear",
     "tessera_paged_kv_write": "TesseraPagedKVWrite",
     "tessera_amx_linear": "TesseraAmxLinear",
+    "tessera_logits_summary": "TesseraLogitsSummary",
+    "tessera_linear_qkv_rope": "TesseraLinearQkvRope",
+    "tessera_amx_qkv_rope": "TesseraAmxQkvRope",
 }
 # -ffast-math lets GCC call glibc's vectorised expf; the kernels mask with a finite sentinel,
 # never infinities, so finite-math assumptions hold. It is given to the compile step only:

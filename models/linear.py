@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from kernels.amx_linear import amx_linear, amx_ready, pack_weight, packable
 from kernels.cpu_library import available
 from kernels.linear_cpu import MAX_ROWS, linear_cpu
+from kernels.qkv_rope_cpu import qkv_rope_cpu
+from models.rope import apply_rope
 
 if TYPE_CHECKING:  # models.loader imports the model, which imports this module
     from models.loader import LoadedModel
@@ -52,6 +54,23 @@ def gated_linear(gate_up: Float[Array, "rows two_m"], w: Float[Array, "..."], im
         return amx_linear(gate_up, w, gated=True)
     m = gate_up.shape[1] // 2
     return linear(jax.nn.silu(gate_up[:, :m]) * gate_up[:, m:], w, impl)
+
+
+def qkv_with_rope(
+    x: Float[Array, "tokens embed"], w: Float[Array, "..."], impl: str, positions: Int[Array, " tokens"],
+    inv_freq: Float[Array, " half"], heads: int, kv_heads: int,
+) -> tuple[Float[Array, "tokens heads d"], Float[Array, "tokens kv d"], Float[Array, "tokens kv d"]]:
+    """q and k rotated, and v, of a fused q/k/v projection: one kernel call with impl "amx" (or
+    "cpu" up to MAX_ROWS rows), else the product, the split and `apply_rope` in XLA."""
+    d = 2 * inv_freq.shape[0]
+    if impl == "amx" or (impl == "cpu" and x.shape[0] <= MAX_ROWS):
+        # cos/sin rounded to the activations' dtype first, as transformers (and apply_rope) do.
+        freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+        cos, sin = (f(freqs).astype(x.dtype).astype(jnp.float32) for f in (jnp.cos, jnp.sin))
+        return qkv_rope_cpu(x, w, cos, sin, heads, kv_heads, packed=impl == "amx")
+    qkv = linear(x, w, impl)
+    q, k, v = (part.reshape(x.shape[0], -1, d) for part in jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=1))
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
 def use_cpu_linear(model: LoadedModel) -> LoadedModel:
@@ -100,4 +119,4 @@ def _pack_for_amx(module) -> bool:
     return True
 
 
-__all__ = ["MAX_ROWS", "gated_linear", "linear", "use_cpu_linear"]
+__all__ = ["MAX_ROWS", "gated_linear", "linear", "qkv_with_rope", "use_cpu_linear"]

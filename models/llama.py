@@ -22,7 +22,7 @@ from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
-from models.linear import gated_linear, linear
+from models.linear import gated_linear, linear, qkv_with_rope
 from models.rope import apply_rope, inverse_frequencies
 from models.sharding import MODEL_AXIS
 
@@ -91,15 +91,20 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "tokens embed"], LayerKV | None]:
         """With md=None the tokens are one whole sequence, attended causally without a cache."""
         cfg = self.cfg
-        with jax.named_scope("qkv"):
-            q, k, v = self._project_qkv(x)
-            if cfg.attention_bias:
-                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-            if cfg.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-        with jax.named_scope("rope"):
-            inv_freq = jnp.asarray(inverse_frequencies(cfg.rope, cfg.head_dim))
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        inv_freq = jnp.asarray(inverse_frequencies(cfg.rope, cfg.head_dim))
+        impl = getattr(self, "linear_impl", "xla")
+        if hasattr(self, "qkv_proj") and impl != "xla" and not (cfg.attention_bias or cfg.qk_norm):
+            with jax.named_scope("qkv_rope"):  # one CPU kernel call (models/linear.py)
+                q, k, v = qkv_with_rope(x, self.qkv_proj[...], impl, positions, inv_freq, cfg.num_heads, cfg.num_kv_heads)
+        else:
+            with jax.named_scope("qkv"):
+                q, k, v = self._project_qkv(x)
+                if cfg.attention_bias:
+                    q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+                if cfg.qk_norm:
+                    q, k = self.q_norm(q), self.k_norm(k)
+            with jax.named_scope("rope"):
+                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if md is None:  # training and scoring
             with jax.named_scope("attention"):
                 out = causal_attention(q, k, v, sm_scale=cfg.head_dim**-0.5, sliding_window=self.window)

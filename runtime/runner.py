@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.cpu_library import available
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
@@ -39,10 +40,12 @@ def _step(
     logits_indices: jax.Array,
     sampling: SamplingInputs,
     adjustments: LogitAdjustments | None,
+    *,
+    summary_impl: str,
 ) -> tuple[SampledTokens, KVCache]:
     state = jax.tree.unflatten(state_def, state_leaves)
     logits, kv_cache = compute_logits(graphdef, state, tokens, positions, kv_cache, md, logits_indices)
-    return sample_tokens(logits, sampling, adjustments), kv_cache
+    return sample_tokens(logits, sampling, adjustments, summary_impl), kv_cache
 
 
 @dataclasses.dataclass
@@ -72,7 +75,10 @@ class Runner:
         # passes a flat list of arrays, and jit neither hashes the module graph nor walks the
         # NNX state each step (milliseconds of host time per step otherwise).
         self._state_leaves, state_def = jax.tree.flatten(model.state)
-        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def), donate_argnames=("kv_cache",))
+        # Sampling's top logprobs and normaliser from the CPU kernel on one CPU device.
+        cpu_kernels = model.mesh.size == 1 and model.mesh.devices.flat[0].platform == "cpu" and available()
+        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def, summary_impl="cpu" if cpu_kernels else "xla"),
+                                    donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.token_buckets:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
+from kernels.logits_summary_cpu import logits_summary_cpu
 from models.kv_cache import HostOrDevice
 
 NUM_TOP_LOGPROBS = 20  # always computed; requests take the first N they asked for
@@ -67,17 +68,31 @@ def apply_adjustments(logits: Float[Array, "rows vocab"], adj: LogitAdjustments)
 
 
 def sample_tokens(
-    logits: Float[Array, "rows vocab"], s: SamplingInputs, adj: LogitAdjustments | None = None
+    logits: Float[Array, "rows vocab"], s: SamplingInputs, adj: LogitAdjustments | None = None,
+    summary_impl: str = "xla",
 ) -> SampledTokens:
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
+    """One token per row. `summary_impl` "cpu" takes the top logprobs and the normaliser from
+    the CPU kernel (kernels/logits_summary_cpu.py), "xla" from lax.top_k and logsumexp."""
+    raw = logits
+    top_logits, top_ids, lse = _summary(logits, min(NUM_TOP_LOGPROBS, logits.shape[-1]), summary_impl)
     if adj is not None:
         logits = apply_adjustments(logits, adj)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        greedy = top_ids[:, 0]  # the largest logit, the lowest id among equals, as argmax
     # Sorting the vocabulary is the costly part: skip it when every row is greedy.
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy, lambda: _draw(logits, s, greedy))
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    return SampledTokens(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
+    return SampledTokens(tokens, chosen, top_ids, top_logits - lse[:, None])
+
+
+def _summary(logits: Float[Array, "rows vocab"], k: int, impl: str):
+    """(k largest logits, their ids, log-sum-exp) per row: logprob = logit - lse, so the full
+    log-softmax is never materialised."""
+    if impl == "cpu":
+        return logits_summary_cpu(logits, k)
+    top_logits, top_ids = jax.lax.top_k(logits, k)
+    return top_logits, top_ids.astype(jnp.int32), jax.nn.logsumexp(logits, axis=-1)
 
 
 def _draw(logits: Float[Array, "rows vocab"], s: SamplingInputs, greedy: Int[Array, " rows"]) -> Int[Array, " rows"]:

@@ -33,6 +33,7 @@
 
 #include "amx.h"
 #include "common.h"
+#include "qkv_rope.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
@@ -228,43 +229,100 @@ void PrepareRows(const XT* x, int64_t rows, int64_t k, int64_t kp, bool gated, u
   ParallelFor(blocks, block);
 }
 
-ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ffi::AnyBuffer> y, bool gated) {
 #if TESSERA_HAVE_AMX
-  if (!AmxPermitted()) return ffi::Error::Internal("amx_linear: Linux refused this process the AMX tile state");
+
+// x checked against the packed weight and prepared as the bfloat16 operand; the product's
+// rows and N. An error message instead when they do not fit.
+struct Operand {
+  std::vector<uint16_t> xa;
+  int64_t rows = 0, kp = 0, n = 0;
+  const char* error = nullptr;
+};
+
+Operand Prepare(ffi::AnyBuffer& x, ffi::Buffer<ffi::BF16>& wp, bool gated) {
+  Operand op;
+  if (!AmxPermitted()) {
+    op.error = "amx_linear: Linux refused this process the AMX tile state";
+    return op;
+  }
   const auto xd = x.dimensions(), wd = wp.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || wd[1] % (2 * kTileN) != 0) {
-    return ffi::Error::InvalidArgument("amx_linear: x [T, K] and a packed weight [Kp / 2, 2 N] with N % 16 == 0");
+    op.error = "amx_linear: x [T, K] and a packed weight [Kp / 2, 2 N] with N % 16 == 0";
+    return op;
   }
-  const int64_t rows = xd[0], kp = wd[0] * 2, n = wd[1] / 2;
-  if (gated && xd.size() == 2 && xd[1] % 2 != 0) {
-    return ffi::Error::InvalidArgument("amx_linear: a gated x is [T, 2 K] (gate, then up)");
+  op.rows = xd[0], op.kp = wd[0] * 2, op.n = wd[1] / 2;
+  if (gated && xd[1] % 2 != 0) {
+    op.error = "amx_linear: a gated x is [T, 2 K] (gate, then up)";
+    return op;
   }
   const int64_t k = gated ? xd[1] / 2 : xd[1];
-  if (kp % kTileK != 0 || k > kp || kp - k >= kTileK) {
-    return ffi::Error::InvalidArgument("amx_linear: the packed weight's K does not fit x");
+  if (op.kp % kTileK != 0 || k > op.kp || op.kp - k >= kTileK) {
+    op.error = "amx_linear: the packed weight's K does not fit x";
+    return op;
   }
-  if (!IsFloat(x.element_type()) || y->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("amx_linear: x float32 or bfloat16; y takes x's type");
+  if (!IsFloat(x.element_type())) {
+    op.error = "amx_linear: x must be float32 or bfloat16";
+    return op;
   }
-  if (rows == 0) return ffi::Error::Success();
   // x as bfloat16 rows of Kp (zeros past K), in whole 16-row tiles when tiles will read it.
-  const bool tiles = !TESSERA_HAVE_VECTOR_BF16 || rows > kVectorRows;
-  const int64_t padded_rows = tiles ? (rows + kTileRows - 1) / kTileRows * kTileRows : rows;
-  std::vector<uint16_t> xa(padded_rows * kp, 0);
+  const bool tiles = !TESSERA_HAVE_VECTOR_BF16 || op.rows > kVectorRows;
+  const int64_t padded_rows = tiles ? (op.rows + kTileRows - 1) / kTileRows * kTileRows : op.rows;
+  op.xa.assign(padded_rows * op.kp, 0);
   if (x.element_type() == ffi::DataType::BF16) {
-    PrepareRows(static_cast<const uint16_t*>(x.untyped_data()), rows, k, kp, gated, xa.data());
+    PrepareRows(static_cast<const uint16_t*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa.data());
   } else {
-    PrepareRows(static_cast<const float*>(x.untyped_data()), rows, k, kp, gated, xa.data());
+    PrepareRows(static_cast<const float*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa.data());
   }
+  return op;
+}
+
+#endif  // TESSERA_HAVE_AMX
+
+ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ffi::AnyBuffer> y, bool gated) {
+#if TESSERA_HAVE_AMX
+  if (y->element_type() != x.element_type()) return ffi::Error::InvalidArgument("amx_linear: y takes x's type");
+  Operand op = Prepare(x, wp, gated);
+  if (op.error != nullptr) return ffi::Error::InvalidArgument(op.error);
+  if (op.rows == 0) return ffi::Error::Success();
   const auto* w = reinterpret_cast<const uint16_t*>(wp.typed_data());
   if (y->element_type() == ffi::DataType::BF16) {
-    Product(xa.data(), rows, kp, w, n, static_cast<uint16_t*>(y->untyped_data()));
+    Product(op.xa.data(), op.rows, op.kp, w, op.n, static_cast<uint16_t*>(y->untyped_data()));
   } else {
-    Product(xa.data(), rows, kp, w, n, static_cast<float*>(y->untyped_data()));
+    Product(op.xa.data(), op.rows, op.kp, w, op.n, static_cast<float*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 #else
   return ffi::Error::Unimplemented("amx_linear: built for a CPU without AMX");
+#endif
+}
+
+// A fused q/k/v projection with rotary embeddings on q and k (qkv_rope.h).
+ffi::Error AmxQkvRope(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                      ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v) {
+#if TESSERA_HAVE_AMX
+  const auto type = x.element_type();
+  if (q->element_type() != type || k->element_type() != type || v->element_type() != type) {
+    return ffi::Error::InvalidArgument("amx_qkv_rope: q, k and v take x's type");
+  }
+  Operand op = Prepare(x, wp, false);
+  if (op.error != nullptr) return ffi::Error::InvalidArgument(op.error);
+  QkvShape shape;
+  if (const char* bad = CheckQkvRope(op.rows, op.n, cos, sin, q->dimensions(), k->dimensions(), v->dimensions(), &shape)) {
+    return ffi::Error::InvalidArgument(bad);
+  }
+  if (op.rows == 0) return ffi::Error::Success();
+  std::vector<float> y(op.rows * op.n);
+  Product(op.xa.data(), op.rows, op.kp, reinterpret_cast<const uint16_t*>(wp.typed_data()), op.n, y.data());
+  if (type == ffi::DataType::F32) {
+    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
+                   static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
+  } else {
+    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
+                   static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Unimplemented("amx_qkv_rope: built for a CPU without AMX");
 #endif
 }
 
@@ -285,3 +343,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraAmxLinear, AmxLinear,
                                   .Arg<ffi::Buffer<ffi::BF16>>()    // packed weight
                                   .Ret<ffi::AnyBuffer>()            // y
                                   .Attr<bool>("gated"));            // x = [gate | up]: silu(gate) * up
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraAmxQkvRope, AmxQkvRope,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // x [T, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // packed weight, N = (H + 2 KV) D
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos [T, D / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin [T, D / 2]
+                                  .Ret<ffi::AnyBuffer>()          // q [T, H, D]
+                                  .Ret<ffi::AnyBuffer>()          // k [T, KV, D]
+                                  .Ret<ffi::AnyBuffer>());        // v [T, KV, D]

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "qkv_rope.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
@@ -176,38 +177,73 @@ void Multiply(const float* x, const WT* w, const Shapes& s, bool nk, float* y) {
   }
 }
 
-ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                  std::string_view layout) {
+// Checks x [T, K] and w ([K, N], or [N, K] for "nk"); their shapes into s. nullptr when fine.
+const char* CheckOperands(ffi::AnyBuffer& x, ffi::AnyBuffer& w, bool nk, Shapes* s) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  const bool nk = layout == "nk";
-  if (!nk && layout != "kn") return ffi::Error::InvalidArgument("linear: layout must be 'kn' or 'nk'");
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("linear: x and w must be matrices");
-  const Shapes s{xd[0], xd[1], nk ? wd[0] : wd[1]};
-  if ((nk ? wd[1] : wd[0]) != s.k) return ffi::Error::InvalidArgument("linear: x and w disagree on K");
-  if (!IsFloat(x.element_type()) || !IsFloat(w.element_type()) || y->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("linear: float32 or bfloat16 only; y takes x's type");
-  }
-  // x as float32, and y computed in float32 then narrowed if it is bfloat16.
-  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
-  std::vector<float> x_f32, y_f32;
+  if (xd.size() != 2 || wd.size() != 2) return "linear: x and w must be matrices";
+  *s = {xd[0], xd[1], nk ? wd[0] : wd[1]};
+  if ((nk ? wd[1] : wd[0]) != s->k) return "linear: x and w disagree on K";
+  if (!IsFloat(x.element_type()) || !IsFloat(w.element_type())) return "linear: float32 or bfloat16 only";
+  return nullptr;
+}
+
+// x @ w into y [T, N] float32, x and w either float32 or bfloat16.
+void ProductToFloat(ffi::AnyBuffer& x, ffi::AnyBuffer& w, bool nk, const Shapes& s, float* y) {
+  std::vector<float> x_f32;
   const float* xf = static_cast<const float*>(x.untyped_data());
-  float* yf = static_cast<float*>(y->untyped_data());
-  if (x_bf16) {
+  if (x.element_type() == ffi::DataType::BF16) {
     const auto* xb = static_cast<const uint16_t*>(x.untyped_data());
     x_f32.resize(s.rows * s.k);
     for (int64_t i = 0; i < s.rows * s.k; ++i) x_f32[i] = Bf16ToF32(xb[i]);
     xf = x_f32.data();
-    y_f32.resize(s.rows * s.n);
-    yf = y_f32.data();
   }
   if (w.element_type() == ffi::DataType::BF16) {
-    Multiply(xf, static_cast<const uint16_t*>(w.untyped_data()), s, nk, yf);
+    Multiply(xf, static_cast<const uint16_t*>(w.untyped_data()), s, nk, y);
   } else {
-    Multiply(xf, static_cast<const float*>(w.untyped_data()), s, nk, yf);
+    Multiply(xf, static_cast<const float*>(w.untyped_data()), s, nk, y);
   }
-  if (x_bf16) {
-    auto* yb = static_cast<uint16_t*>(y->untyped_data());
-    for (int64_t i = 0; i < s.rows * s.n; ++i) yb[i] = F32ToBf16(y_f32[i]);
+}
+
+ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                  std::string_view layout) {
+  const bool nk = layout == "nk";
+  if (!nk && layout != "kn") return ffi::Error::InvalidArgument("linear: layout must be 'kn' or 'nk'");
+  Shapes s;
+  if (const char* bad = CheckOperands(x, w, nk, &s)) return ffi::Error::InvalidArgument(bad);
+  if (y->element_type() != x.element_type()) return ffi::Error::InvalidArgument("linear: y takes x's type");
+  if (x.element_type() == ffi::DataType::F32) {
+    ProductToFloat(x, w, nk, s, static_cast<float*>(y->untyped_data()));
+    return ffi::Error::Success();
+  }
+  // bfloat16 x: y computed in float32, then narrowed.
+  std::vector<float> y_f32(s.rows * s.n);
+  ProductToFloat(x, w, nk, s, y_f32.data());
+  auto* yb = static_cast<uint16_t*>(y->untyped_data());
+  for (int64_t i = 0; i < s.rows * s.n; ++i) yb[i] = F32ToBf16(y_f32[i]);
+  return ffi::Error::Success();
+}
+
+// A fused q/k/v projection ([K, N] weight) with rotary embeddings on q and k (qkv_rope.h).
+ffi::Error LinearQkvRope(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                         ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v) {
+  Shapes s;
+  if (const char* bad = CheckOperands(x, w, false, &s)) return ffi::Error::InvalidArgument(bad);
+  QkvShape shape;
+  if (const char* bad = CheckQkvRope(s.rows, s.n, cos, sin, q->dimensions(), k->dimensions(), v->dimensions(), &shape)) {
+    return ffi::Error::InvalidArgument(bad);
+  }
+  const auto type = x.element_type();
+  if (q->element_type() != type || k->element_type() != type || v->element_type() != type) {
+    return ffi::Error::InvalidArgument("linear_qkv_rope: q, k and v take x's type");
+  }
+  std::vector<float> y(s.rows * s.n);
+  ProductToFloat(x, w, false, s, y.data());
+  if (type == ffi::DataType::F32) {
+    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
+                   static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
+  } else {
+    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
+                   static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
   }
   return ffi::Error::Success();
 }
@@ -220,3 +256,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraLinear, Linear,
                                   .Arg<ffi::AnyBuffer>()  // w
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Attr<std::string_view>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TesseraLinearQkvRope, LinearQkvRope,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()          // w [K, (H + 2 KV) D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos [T, D / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin [T, D / 2]
+                                  .Ret<ffi::AnyBuffer>()          // q [T, H, D]
+                                  .Ret<ffi::AnyBuffer>()          // k [T, KV, D]
+                                  .Ret<ffi::AnyBuffer>());        // v [T, KV, D]

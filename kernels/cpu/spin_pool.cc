@@ -100,7 +100,7 @@ class SpinPool {
       const auto since = std::chrono::steady_clock::now();
       while (generation_.load() == seen) {
         if (std::chrono::steady_clock::now() - since < spin_) {
-          _mm_pause();
+          sched_yield();
           continue;
         }
         std::unique_lock<std::mutex> lock(sleep_mu_);
