@@ -206,6 +206,8 @@ class CausalLM(nnx.Module):
         impl = getattr(self, "linear_impl", "xla")
         if impl == "amx":  # models/linear.py packed the head, tied or not
             out = linear(hidden, self.lm_head_packed[...], impl)
+        elif hasattr(self, "lm_head_kn"):  # models/linear.py: a tied head laid out [K, N]
+            out = linear(hidden, self.lm_head_kn[...], impl)
         elif self.cfg.tie_word_embeddings:
             out = linear(hidden, self.embed_tokens[...], impl, transposed=True)
         else:

@@ -127,25 +127,63 @@ void ItemKN(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
   }
 }
 
-// Work item i of an [N, K] product: outputs [16 i, 16 i + 16), each a dot product over K.
+// Sums of the 16 lanes of each of R vectors.
+template <int R>
+inline void Reduce(const Vec* acc, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float total = 0.0f;
+    for (int l = 0; l < kLanes; ++l) total += acc[r][l];
+    out[r] = total;
+  }
+}
+
+// y[r0 : r0 + R, n : n + 4] of an [N, K] weight: four weight rows against R rows of x, 4 R
+// independent accumulators (one output's single chain of FMAs stalled on their latency).
+template <int R, typename WT>
+inline void FourOutputsNK(const float* x, const WT* w, const Shapes& s, int64_t r0, int64_t n, float* y) {
+  const int64_t k_vec = s.k / kLanes * kLanes;
+  Vec acc[4][R] = {};
+  const WT* rows[4] = {w + n * s.k, w + (n + 1) * s.k, w + (n + 2) * s.k, w + (n + 3) * s.k};
+  for (int64_t k = 0; k < k_vec; k += kLanes) {
+    Vec xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = LoadVec(x + (r0 + r) * s.k + k);
+    for (int j = 0; j < 4; ++j) {
+      const Vec wv = LoadAsFloat(rows[j] + k);
+      for (int r = 0; r < R; ++r) acc[j][r] += xv[r] * wv;
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    float sums[R];
+    Reduce<R>(acc[j], sums);
+    for (int r = 0; r < R; ++r) {
+      for (int64_t k = k_vec; k < s.k; ++k) sums[r] += x[(r0 + r) * s.k + k] * LoadScalar(rows[j] + k);
+      y[(r0 + r) * s.n + n + j] = sums[r];
+    }
+  }
+}
+
+// Work item i of an [N, K] product: outputs [16 i, 16 i + 16), four at a time for up to four
+// rows of x at a time; each output a dot product over K.
 template <typename WT>
 void ItemNK(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
-  const int64_t k_vec = s.k / kLanes * kLanes;
-  for (int64_t n = i * kOutputBlock; n < std::min<int64_t>((i + 1) * kOutputBlock, s.n); ++n) {
+  const int64_t end = std::min<int64_t>((i + 1) * kOutputBlock, s.n);
+  int64_t n = i * kOutputBlock;
+  for (; n + 4 <= end; n += 4) {
+    int64_t r0 = 0;
+    for (; r0 + kRowBlock <= s.rows; r0 += kRowBlock) FourOutputsNK<kRowBlock>(x, w, s, r0, n, y);
+    switch (s.rows - r0) {
+      case 3: FourOutputsNK<3>(x, w, s, r0, n, y); break;
+      case 2: FourOutputsNK<2>(x, w, s, r0, n, y); break;
+      case 1: FourOutputsNK<1>(x, w, s, r0, n, y); break;
+      default: break;
+    }
+  }
+  for (; n < end; ++n) {  // N not a multiple of 4
     const WT* row = w + n * s.k;
-    for (int64_t r0 = 0; r0 < s.rows; r0 += kRowBlock) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, s.rows - r0));
-      Vec acc[kRowBlock] = {};
-      for (int64_t k = 0; k < k_vec; k += kLanes) {
-        const Vec wv = LoadAsFloat(row + k);
-        for (int r = 0; r < rows; ++r) acc[r] += LoadVec(x + (r0 + r) * s.k + k) * wv;
-      }
-      for (int r = 0; r < rows; ++r) {
-        float total = 0.0f;
-        for (int l = 0; l < kLanes; ++l) total += acc[r][l];
-        for (int64_t k = k_vec; k < s.k; ++k) total += x[(r0 + r) * s.k + k] * LoadScalar(row + k);
-        y[(r0 + r) * s.n + n] = total;
-      }
+    for (int64_t r = 0; r < s.rows; ++r) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < s.k; ++k) total += x[r * s.k + k] * LoadScalar(row + k);
+      y[r * s.n + n] = total;
     }
   }
 }

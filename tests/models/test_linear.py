@@ -16,7 +16,7 @@ from tests.helpers.tiny_checkpoint import build_checkpoint
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # Tied embeddings (the [N, K] head); a vocabulary of 520, not a multiple of 16, so the
+    # A vocabulary of 520, not a multiple of 16, so the
     # weights cannot be packed for AMX and the small-batch kernel serves.
     return build_checkpoint(tmp_path_factory.mktemp("lin"), "llama")
 
@@ -50,3 +50,19 @@ def test_switched_off_by_the_environment(checkpoint, monkeypatch):
     monkeypatch.setenv("TESSERA_CPU_LINEAR", "0")
     model = load_model(checkpoint, "bfloat16")
     assert use_cpu_linear(model) is model
+
+
+def test_float32_kernels_match_xla_with_the_tied_head_laid_out_for_them(tmp_path):
+    # The kernels' float32 path: q/k/v with rotary embeddings in one call, the tied head as a
+    # [K, N] copy. Decode-sized (12 rows) and prompt-sized (80 rows, XLA's products) alike.
+    checkpoint = build_checkpoint(tmp_path, "llama", tie_word_embeddings=True)
+    plain = load_model(checkpoint, "float32")
+    served = use_cpu_linear(fuse_projections(load_model(checkpoint, "float32")))
+    module = nnx.merge(served.graphdef, served.state)
+    assert module.linear_impl == "cpu"
+    np.testing.assert_array_equal(np.asarray(module.lm_head_kn[...]), np.asarray(module.embed_tokens[...]).T)
+    for length in (12, 80):
+        tokens = jnp.asarray(np.random.default_rng(length).integers(0, plain.cfg.vocab_size, (1, length)), jnp.int32)
+        want = np.asarray(sequence_logits(plain.graphdef, plain.state, tokens))
+        got = np.asarray(sequence_logits(served.graphdef, served.state, tokens))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
