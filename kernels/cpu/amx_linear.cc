@@ -46,6 +46,7 @@ constexpr int kTileN = 16;      // float32 columns per accumulator tile (and per
 constexpr int kBlockTiles = 4;  // accumulator tiles per tile work item
 constexpr int kBlockN = 32;     // columns per packed block
 constexpr int kVectorRows = 4;  // up to this many rows of x: AVX-512 BF16, not tiles
+constexpr int kNarrowRows = 64; // up to this many rows, narrow products take 2-tile items
 constexpr int64_t kPrefetchPairs = 32;  // AVX-512 path: how many k2 rows ahead (4 KiB of a full block) to prefetch
 
 // Columns [col, col + 16) of the packed weight: their k2 = 0 row, and elements per k2 row.
@@ -166,10 +167,11 @@ void TileBlock(const uint16_t* xa, int64_t kp, const Panel* panel, int64_t r0, f
 }
 
 template <typename YT>
-void TileItem(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, int64_t i, YT* y) {
+void TileItem(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, int64_t n, int64_t i, int item_tiles,
+              YT* y) {
   ConfigureTiles();
-  const int64_t n0 = i * kBlockTiles * kTileN;
-  const int tiles = static_cast<int>(std::min<int64_t>(kBlockTiles, (n - n0) / kTileN));
+  const int64_t n0 = i * item_tiles * kTileN;
+  const int tiles = static_cast<int>(std::min<int64_t>(item_tiles, (n - n0) / kTileN));
   Panel panel[kBlockTiles];
   for (int t = 0; t < tiles; ++t) panel[t] = ColumnPanel(wp, kp, n, n0 + t * kTileN);
   float block[kTileRows * kBlockTiles * kTileN];
@@ -189,8 +191,14 @@ void Product(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, i
 #if TESSERA_HAVE_VECTOR_BF16
   if (rows <= kVectorRows) return VectorProduct(xa, rows, kp, wp, n, y);
 #endif
-  const int64_t items = (n + kBlockTiles * kTileN - 1) / (kBlockTiles * kTileN);
-  ParallelFor(items, [&](int64_t i) { TileItem(xa, rows, kp, wp, n, i, y); });
+  // Items of 4 tiles (64 columns) share each A tile four ways, which prompt chunks need; a
+  // decode step's narrow product (N = 576: 9 such items) is bound by the weights' streaming
+  // instead and takes 2-tile items, so both threads get near-equal shares (~20% faster at 16
+  // rows; ~15% slower at 512, hence the row limit).
+  const bool narrow = rows <= kNarrowRows && n / (kBlockTiles * kTileN) < 4 * ParallelThreads();
+  const int item_tiles = narrow ? 2 : kBlockTiles;
+  const int64_t items = (n + item_tiles * kTileN - 1) / (item_tiles * kTileN);
+  ParallelFor(items, [&](int64_t i) { TileItem(xa, rows, kp, wp, n, i, item_tiles, y); });
 }
 
 #endif  // TESSERA_HAVE_AMX
