@@ -346,10 +346,19 @@ ffi::Error RaggedPagedAttention(ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
   });
   // bfloat16 items with more query rows than a decode step's go to the AMX tiles.
   const bool amx = q_bf16 && kv_bf16 && AmxAttentionReady(pb);
+  std::vector<AmxKeys> amx_keys;
+  if (amx) {
+    std::vector<bool> uses_amx(pb.seqs, false);
+    for (const WorkItem& item : items) uses_amx[item.seq] = uses_amx[item.seq] || item.count * pb.group > kDirectRows;
+    amx_keys = PrepareAmxKeys(pb, uses_amx);
+  }
   ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    if (amx && items[i].count * pb.group > kDirectRows) return RunItemAmx(pb, items[i]);
+    const WorkItem& item = items[i];
+    if (amx && item.count * pb.group > kDirectRows) {
+      return RunItemAmx(pb, item, amx_keys[item.seq * pb.kv_heads + item.kv_head]);
+    }
     thread_local Scratch scratch;
-    run(pb, items[i], scratch);
+    run(pb, item, scratch);
   });
   return ffi::Error::Success();
 }

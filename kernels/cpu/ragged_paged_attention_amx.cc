@@ -6,13 +6,15 @@
 // half of a 2,048-token bfloat16 prompt's time; tiles do the products several times faster,
 // leaving the online softmax's exponentials as the main cost.
 //
-// Shape of an item (rows = its query tokens x the heads of its KV group, padded to 16):
-//   for each tile of kKeyTile keys:
-//     kt [D / 2, 64]  the keys' bfloat16 pairs transposed: the B operand of q @ k^T
-//     vv [32, D]      two consecutive keys' values interleaved: the B operand of p @ v
-//     scores [rows, 64] = q [rows, D] @ kt              (tiles 0-3 sums, 4 q, 5-6 keys)
+// Shape of the work: first, per call, each (sequence, KV head) with prompt items gets its keys
+// laid out once for the tiles (AmxKeys, ragged_paged_attention.h):
+//     kt [D / 2, L]   the keys' bfloat16 pairs transposed: the B operand of q @ k^T
+//     vv [L / 2, D]   two consecutive keys' values interleaved: the B operand of p @ v
+// Then an item (rows = its query tokens x the heads of its KV group, padded to 16) walks its
+// keys in tiles of 64:
+//     scores [rows, 64] = q [rows, D] @ kt[:, k0 : k0 + 64]   (tiles 0-3 sums, 4 q, 5-6 keys)
 //     online softmax in float32 -> p [rows, 64] as bfloat16, acc rescaled per row
-//     acc [rows, D] += p @ vv, 64 columns of D a pass   (tiles 0-3 loaded from acc, stored back)
+//     acc [rows, D] += p @ vv[k0 / 2 : ...], 64 columns of D a pass (tiles 0-3 from acc, back)
 
 #include <algorithm>
 #include <cmath>
@@ -38,8 +40,6 @@ constexpr float kLog2E = 1.4426950408889634f;
 // Per-thread scratch, reused across items and calls.
 struct AmxScratch {
   std::vector<uint16_t> q, p;  // [rows_p, D] and [rows_p, kKeyTile], bfloat16
-  std::vector<uint32_t> kt;    // [D / 2, kKeyTile] key pairs
-  std::vector<uint32_t> vv;    // [kKeyTile / 2, D] value pairs
   std::vector<float> scores;   // [rows_p, kKeyTile]
   std::vector<float> acc;      // [rows_p, D]
   std::vector<float> row_max, row_sum;
@@ -47,8 +47,6 @@ struct AmxScratch {
   void Fit(int64_t rows_p, int64_t dim) {
     q.assign(rows_p * dim, 0);
     p.assign(rows_p * kKeyTile, 0);
-    kt.resize(dim / 2 * kKeyTile);
-    vv.resize(kKeyTile / 2 * dim);
     scores.resize(rows_p * kKeyTile);
     acc.assign(rows_p * dim, 0.0f);
     row_max.assign(rows_p, kMasked);
@@ -56,9 +54,11 @@ struct AmxScratch {
   }
 };
 
-// scores [rows_p, 64] = q [rows_p, D] @ kt, 16 rows at a time.
-void Scores(AmxScratch& s, int64_t rows_p, int64_t dim) {
-  constexpr int64_t kt_stride = kKeyTile * 4;
+// scores [rows_p, 64] = q [rows_p, D] @ the key tile at kt (rows `stride` keys apart), 16
+// rows at a time.
+void Scores(AmxScratch& s, int64_t rows_p, int64_t dim, const uint32_t* kt, int64_t stride) {
+  constexpr int64_t scores_stride = kKeyTile * 4;
+  const int64_t kt_stride = stride * 4;
   for (int64_t r0 = 0; r0 < rows_p; r0 += kTileRows) {
     _tile_zero(0);
     _tile_zero(1);
@@ -66,7 +66,7 @@ void Scores(AmxScratch& s, int64_t rows_p, int64_t dim) {
     _tile_zero(3);
     for (int64_t d0 = 0; d0 < dim; d0 += 2 * kTileCols) {
       _tile_loadd(4, s.q.data() + r0 * dim + d0, dim * 2);
-      const uint32_t* k = s.kt.data() + d0 / 2 * kKeyTile;
+      const uint32_t* k = kt + d0 / 2 * stride;
       _tile_loadd(5, k, kt_stride);
       _tile_dpbf16ps(0, 4, 5);
       _tile_loadd(6, k + kTileCols, kt_stride);
@@ -77,16 +77,16 @@ void Scores(AmxScratch& s, int64_t rows_p, int64_t dim) {
       _tile_dpbf16ps(3, 4, 6);
     }
     float* out = s.scores.data() + r0 * kKeyTile;
-    _tile_stored(0, out, kt_stride);
-    _tile_stored(1, out + kTileCols, kt_stride);
-    _tile_stored(2, out + 2 * kTileCols, kt_stride);
-    _tile_stored(3, out + 3 * kTileCols, kt_stride);
+    _tile_stored(0, out, scores_stride);
+    _tile_stored(1, out + kTileCols, scores_stride);
+    _tile_stored(2, out + 2 * kTileCols, scores_stride);
+    _tile_stored(3, out + 3 * kTileCols, scores_stride);
   }
 }
 
-// acc [rows_p, D] += p [rows_p, 64] @ the tile's values; D % 32 == 0, so a pass over 64
-// columns of D has 4 tiles, or 2 at the end.
-void AccumulateValues(AmxScratch& s, int64_t rows_p, int64_t dim) {
+// acc [rows_p, D] += p [rows_p, 64] @ the tile's value pairs at vv; D % 32 == 0, so a pass
+// over 64 columns of D has 4 tiles, or 2 at the end.
+void AccumulateValues(AmxScratch& s, int64_t rows_p, int64_t dim, const uint32_t* vv) {
   const int64_t acc_stride = dim * 4, vv_stride = dim * 4;
   for (int64_t r0 = 0; r0 < rows_p; r0 += kTileRows) {
     for (int64_t d0 = 0; d0 < dim; d0 += 4 * kTileCols) {
@@ -100,7 +100,7 @@ void AccumulateValues(AmxScratch& s, int64_t rows_p, int64_t dim) {
       }
       for (int64_t k0 = 0; k0 < kKeyTile; k0 += 2 * kTileCols) {
         _tile_loadd(4, s.p.data() + r0 * kKeyTile + k0, kKeyTile * 2);
-        const uint32_t* v = s.vv.data() + k0 / 2 * dim + d0;
+        const uint32_t* v = vv + k0 / 2 * dim + d0;
         _tile_loadd(5, v, vv_stride);
         _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(6, v + kTileCols, vv_stride);
@@ -168,44 +168,56 @@ inline float SoftmaxRow(const float* row, int lo, int hi, float scale, float& ro
   return rescale;
 }
 
-// The tile's keys [k0, k0 + keys) into kt and vv; columns past `keys` are zeros, so padded
-// keys add nothing (their probabilities are zero, and zero times a zero value stays zero).
-void GatherKeys(const Problem& pb, const int32_t* table, int64_t kv_head, int64_t k0, int keys, AmxScratch& s) {
+// Keys [k0, k0 + 64) of one sequence's KV head into its AmxKeys (those before kv_len).
+void FillKeyBlock(const Problem& pb, int64_t seq, int64_t kv_head, int64_t k0, int64_t kv_len, AmxKeys& keys) {
   const auto* kin = static_cast<const uint16_t*>(pb.k);
   const auto* vin = static_cast<const uint16_t*>(pb.v);
   const int64_t D = pb.dim, pairs = D / 2;
-  const uint16_t* value_rows[kKeyTile + 1];
-  for (int c = 0; c < kKeyTile; ++c) {
-    uint32_t* column = s.kt.data() + c;
-    if (c >= keys) {
-      for (int64_t d2 = 0; d2 < pairs; ++d2) column[d2 * kKeyTile] = 0;
-      value_rows[c] = nullptr;
-      continue;
-    }
-    const int64_t at = KeyRowOffset(pb, table, k0 + c, kv_head);
+  const int32_t* table = pb.tables + seq * pb.max_blocks;
+  auto* vv16 = reinterpret_cast<uint16_t*>(keys.vv.data());
+  for (int64_t key = k0; key < std::min(k0 + kKeyTile, kv_len); ++key) {
+    const int64_t at = KeyRowOffset(pb, table, key, kv_head);
     uint32_t key_pairs[kMaxDim / 2];
     std::memcpy(key_pairs, kin + at, D * 2);
-    for (int64_t d2 = 0; d2 < pairs; ++d2) column[d2 * kKeyTile] = key_pairs[d2];
-    value_rows[c] = vin + at;
-  }
-  for (int c2 = 0; c2 < kKeyTile / 2; ++c2) {
-    const uint16_t *v0 = value_rows[2 * c2], *v1 = value_rows[2 * c2 + 1];
-    uint32_t* dst = s.vv.data() + c2 * D;
-    if (v0 == nullptr) {
-      std::fill(dst, dst + D, 0u);
-    } else if (v1 == nullptr) {
-      for (int64_t d = 0; d < D; ++d) dst[d] = v0[d];
-    } else {
-      for (int64_t d = 0; d < D; ++d) dst[d] = v0[d] | static_cast<uint32_t>(v1[d]) << 16;
-    }
+    for (int64_t d2 = 0; d2 < pairs; ++d2) keys.kt[d2 * keys.stride + key] = key_pairs[d2];
+    // Value pairs interleave keys 2 c2 (low half) and 2 c2 + 1 (high half).
+    uint16_t* dst = vv16 + (key / 2) * D * 2 + (key & 1);
+    for (int64_t d = 0; d < D; ++d) dst[2 * d] = vin[at + d];
   }
 }
 
 }  // namespace
 
+std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>& uses_amx) {
+  std::vector<AmxKeys> all(pb.seqs * pb.kv_heads);
+  struct Block {
+    int64_t seq, head, k0, kv_len;
+  };
+  std::vector<Block> blocks;
+  const int64_t max_keys = pb.max_blocks * pb.page_size;
+  for (int64_t s = 0; s < pb.seqs; ++s) {
+    if (!uses_amx[s]) continue;
+    const int64_t kv_len = std::clamp<int64_t>(pb.context_lens[s], 0, max_keys);
+    for (int64_t h = 0; h < pb.kv_heads; ++h) {
+      AmxKeys& keys = all[s * pb.kv_heads + h];
+      // Zeros past kv_len: a tile reading beyond the context sees keys that score 0 and
+      // values that add nothing (their probabilities are 0).
+      keys.stride = (kv_len + kKeyTile - 1) / kKeyTile * kKeyTile + kKeyTile;
+      keys.kt.assign(pb.dim / 2 * keys.stride, 0);
+      keys.vv.assign(keys.stride / 2 * pb.dim, 0);
+      for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyTile) blocks.push_back({s, h, k0, kv_len});
+    }
+  }
+  ParallelFor(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
+    const Block& b = blocks[i];
+    FillKeyBlock(pb, b.seq, b.head, b.k0, b.kv_len, all[b.seq * pb.kv_heads + b.head]);
+  });
+  return all;
+}
+
 bool AmxAttentionReady(const Problem& pb) { return pb.dim % 32 == 0 && pb.dim <= kMaxDim && AmxPermitted(); }
 
-void RunItemAmx(const Problem& pb, const WorkItem& item) {
+void RunItemAmx(const Problem& pb, const WorkItem& item, const AmxKeys& keys) {
   thread_local AmxScratch s;
   ConfigureTiles();
   const int64_t D = pb.dim, G = pb.group, rows = static_cast<int64_t>(item.count) * G;
@@ -217,17 +229,18 @@ void RunItemAmx(const Problem& pb, const WorkItem& item) {
     const int64_t token = item.first + r / G, head = item.kv_head * G + r % G;
     std::memcpy(&s.q[r * D], qin + (token * pb.heads + head) * D, D * 2);
   }
-  const int32_t* table = pb.tables + static_cast<int64_t>(item.seq) * pb.max_blocks;
 
-  for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
-    const int keys = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - k0));
-    GatherKeys(pb, table, item.kv_head, k0, keys, s);
-    Scores(s, rows_p, D);
+  // Tiles start at even keys: value pairs are (2 c2, 2 c2 + 1). A window's first key may then
+  // follow one key that every row masks.
+  for (int64_t k0 = key_begin & ~int64_t{1}; k0 < key_end; k0 += kKeyTile) {
+    const int tile_keys = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - k0));
+    Scores(s, rows_p, D, keys.kt.data() + k0, keys.stride);
     for (int64_t r = 0; r < rows; ++r) {
       // This row sees tile columns [lo, hi): keys at or before its position, inside the window.
       const int64_t pos = first_pos + r / G;
-      const int lo = pb.window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - pb.window + 1 - k0, 0, keys)) : 0;
-      const int hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - k0, 0, keys));
+      const int lo =
+          pb.window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - pb.window + 1 - k0, 0, tile_keys)) : 0;
+      const int hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - k0, 0, tile_keys));
       float* row = &s.scores[r * kKeyTile];
       uint16_t* prob = &s.p[r * kKeyTile];
       if (hi <= lo) {
@@ -244,7 +257,7 @@ void RunItemAmx(const Problem& pb, const WorkItem& item) {
         for (int64_t d = 0; d < D; ++d) s.acc[r * D + d] *= rescale;
       }
     }
-    AccumulateValues(s, rows_p, D);
+    AccumulateValues(s, rows_p, D, keys.vv.data() + k0 / 2 * D);
   }
 
   auto* out = static_cast<uint16_t*>(pb.out);
@@ -259,7 +272,10 @@ void RunItemAmx(const Problem& pb, const WorkItem& item) {
 #else  // no AMX in this build
 
 bool AmxAttentionReady(const Problem&) { return false; }
-void RunItemAmx(const Problem&, const WorkItem&) {}
+std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>&) {
+  return std::vector<AmxKeys>(pb.seqs * pb.kv_heads);
+}
+void RunItemAmx(const Problem&, const WorkItem&, const AmxKeys&) {}
 
 #endif  // TESSERA_HAVE_AMX
 
