@@ -242,7 +242,7 @@ void PrepareRows(const XT* x, int64_t rows, int64_t k, int64_t kp, bool gated, u
 // x checked against the packed weight and prepared as the bfloat16 operand; the product's
 // rows and N. An error message instead when they do not fit.
 struct Operand {
-  std::vector<uint16_t> xa;
+  uint16_t* xa = nullptr;  // [padded rows, Kp], a per-thread buffer
   int64_t rows = 0, kp = 0, n = 0;
   const char* error = nullptr;
 };
@@ -275,11 +275,12 @@ Operand Prepare(ffi::AnyBuffer& x, ffi::Buffer<ffi::BF16>& wp, bool gated) {
   // x as bfloat16 rows of Kp (zeros past K), in whole 16-row tiles when tiles will read it.
   const bool tiles = !TESSERA_HAVE_VECTOR_BF16 || op.rows > kVectorRows;
   const int64_t padded_rows = tiles ? (op.rows + kTileRows - 1) / kTileRows * kTileRows : op.rows;
-  op.xa.assign(padded_rows * op.kp, 0);
+  op.xa = ThreadBuffer<uint16_t>(padded_rows * op.kp);
+  std::fill(op.xa, op.xa + padded_rows * op.kp, 0);
   if (x.element_type() == ffi::DataType::BF16) {
-    PrepareRows(static_cast<const uint16_t*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa.data());
+    PrepareRows(static_cast<const uint16_t*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa);
   } else {
-    PrepareRows(static_cast<const float*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa.data());
+    PrepareRows(static_cast<const float*>(x.untyped_data()), op.rows, k, op.kp, gated, op.xa);
   }
   return op;
 }
@@ -294,9 +295,9 @@ ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ff
   if (op.rows == 0) return ffi::Error::Success();
   const auto* w = reinterpret_cast<const uint16_t*>(wp.typed_data());
   if (y->element_type() == ffi::DataType::BF16) {
-    Product(op.xa.data(), op.rows, op.kp, w, op.n, static_cast<uint16_t*>(y->untyped_data()));
+    Product(op.xa, op.rows, op.kp, w, op.n, static_cast<uint16_t*>(y->untyped_data()));
   } else {
-    Product(op.xa.data(), op.rows, op.kp, w, op.n, static_cast<float*>(y->untyped_data()));
+    Product(op.xa, op.rows, op.kp, w, op.n, static_cast<float*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 #else
@@ -319,13 +320,13 @@ ffi::Error AmxQkvRope(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Buffer<f
     return ffi::Error::InvalidArgument(bad);
   }
   if (op.rows == 0) return ffi::Error::Success();
-  std::vector<float> y(op.rows * op.n);
-  Product(op.xa.data(), op.rows, op.kp, reinterpret_cast<const uint16_t*>(wp.typed_data()), op.n, y.data());
+  float* y = ThreadBuffer<float>(op.rows * op.n);  // every element written by the product
+  Product(op.xa, op.rows, op.kp, reinterpret_cast<const uint16_t*>(wp.typed_data()), op.n, y);
   if (type == ffi::DataType::F32) {
-    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
+    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
                    static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
   } else {
-    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
+    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
                    static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
   }
   return ffi::Error::Success();

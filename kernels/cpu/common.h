@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -66,6 +67,16 @@ int ParallelThreads();
 template <typename Fn>
 void ParallelFor(int64_t n, const Fn& fn) {
   RunParallel(n, [](const void* f, int64_t i) { (*static_cast<const Fn*>(f))(i); }, &fn);
+}
+
+// A per-thread buffer of at least n elements, reused across calls: a fresh vector of a
+// prompt chunk's size (MBs) cost an mmap, page faults and a munmap on every call. Contents
+// are whatever the last call left; callers write (or zero) what they read.
+template <typename T, int Slot = 0>
+T* ThreadBuffer(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
 }
 
 inline bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }

@@ -346,11 +346,14 @@ ffi::Error RaggedPagedAttention(ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
   });
   // bfloat16 items with more query rows than a decode step's go to the AMX tiles.
   const bool amx = q_bf16 && kv_bf16 && AmxAttentionReady(pb);
-  std::vector<AmxKeys> amx_keys;
+  // Storage reused from call to call. Named through a plain reference: inside the lambda a
+  // thread_local would be each worker's own, empty, instance.
+  thread_local std::vector<AmxKeys> amx_keys_storage;
+  std::vector<AmxKeys>& amx_keys = amx_keys_storage;
   if (amx) {
     std::vector<bool> uses_amx(pb.seqs, false);
     for (const WorkItem& item : items) uses_amx[item.seq] = uses_amx[item.seq] || item.count * pb.group > kDirectRows;
-    amx_keys = PrepareAmxKeys(pb, uses_amx);
+    PrepareAmxKeys(pb, uses_amx, amx_keys);
   }
   ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
     const WorkItem& item = items[i];

@@ -67,9 +67,10 @@ struct AmxKeys {
   std::vector<uint32_t> vv;  // [stride / 2, D] two consecutive keys' values (p @ v's B)
 };
 
-// AmxKeys of each (sequence, KV head) at [seq * kv_heads + head], for the sequences marked in
-// `uses_amx` (the others stay empty); filled over the threads.
-std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>& uses_amx);
+// Fills `all` with the AmxKeys of each (sequence, KV head) at [seq * kv_heads + head], for the
+// sequences marked in `uses_amx` (the others left empty), over the threads. `all` is the
+// caller's to keep between calls: its vectors' storage is reused.
+void PrepareAmxKeys(const Problem& pb, const std::vector<bool>& uses_amx, std::vector<AmxKeys>& all);
 
 // One item on AMX tiles: q and pages bfloat16, out bfloat16; `keys` its sequence's and head's.
 void RunItemAmx(const Problem& pb, const WorkItem& item, const AmxKeys& keys);

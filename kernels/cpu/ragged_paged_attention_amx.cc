@@ -188,15 +188,18 @@ void FillKeyBlock(const Problem& pb, int64_t seq, int64_t kv_head, int64_t k0, i
 
 }  // namespace
 
-std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>& uses_amx) {
-  std::vector<AmxKeys> all(pb.seqs * pb.kv_heads);
+void PrepareAmxKeys(const Problem& pb, const std::vector<bool>& uses_amx, std::vector<AmxKeys>& all) {
+  all.resize(pb.seqs * pb.kv_heads);
   struct Block {
     int64_t seq, head, k0, kv_len;
   };
   std::vector<Block> blocks;
   const int64_t max_keys = pb.max_blocks * pb.page_size;
   for (int64_t s = 0; s < pb.seqs; ++s) {
-    if (!uses_amx[s]) continue;
+    if (!uses_amx[s]) {
+      for (int64_t h = 0; h < pb.kv_heads; ++h) all[s * pb.kv_heads + h].stride = 0;
+      continue;
+    }
     const int64_t kv_len = std::clamp<int64_t>(pb.context_lens[s], 0, max_keys);
     for (int64_t h = 0; h < pb.kv_heads; ++h) {
       AmxKeys& keys = all[s * pb.kv_heads + h];
@@ -212,7 +215,6 @@ std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>& 
     const Block& b = blocks[i];
     FillKeyBlock(pb, b.seq, b.head, b.k0, b.kv_len, all[b.seq * pb.kv_heads + b.head]);
   });
-  return all;
 }
 
 bool AmxAttentionReady(const Problem& pb) { return pb.dim % 32 == 0 && pb.dim <= kMaxDim && AmxPermitted(); }
@@ -272,8 +274,8 @@ void RunItemAmx(const Problem& pb, const WorkItem& item, const AmxKeys& keys) {
 #else  // no AMX in this build
 
 bool AmxAttentionReady(const Problem&) { return false; }
-std::vector<AmxKeys> PrepareAmxKeys(const Problem& pb, const std::vector<bool>&) {
-  return std::vector<AmxKeys>(pb.seqs * pb.kv_heads);
+void PrepareAmxKeys(const Problem& pb, const std::vector<bool>&, std::vector<AmxKeys>& all) {
+  all.resize(pb.seqs * pb.kv_heads);
 }
 void RunItemAmx(const Problem&, const WorkItem&, const AmxKeys&) {}
 
