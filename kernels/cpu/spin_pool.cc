@@ -5,7 +5,8 @@
 // enough that the caller did most items alone (weights streamed at one core's ~10-12 GB/s;
 // profile in BUILD_NOTES.md). Workers here spin for kSpinMicros after a job, so back-to-back
 // calls find them awake; after that they sleep on a condition variable and cost nothing
-// (TESSERA_CPU_SPIN_US sets the spin).
+// (TESSERA_CPU_SPIN_US sets the spin). They spin with sched_yield, not a pause loop, so the
+// XLA threads that run the fusions between our calls get the core when they need it.
 //
 // One job at a time: a caller that finds a job running (XLA may run two custom calls at
 // once) does its own items alone rather than wait. Workers = usable cores - 1, or
