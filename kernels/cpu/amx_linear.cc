@@ -134,15 +134,23 @@ void VectorProduct(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t*
 
 #if TESSERA_HAVE_AMX
 
-// C tiles [0, NT) += x rows [r0, r0 + 16) x the NT column panels, over all of Kp.
+// C tiles [0, NT) += x rows [r0, r0 + 16) x the NT column panels, over all of Kp; with
+// `prefetch`, the panels' rows kPrefetchPairs ahead are prefetched (decode-sized products,
+// bound by the weights' streaming: 16 rows x [576, 3072] ~15-30% faster in interleaved runs).
 template <int NT>
-void TileBlock(const uint16_t* xa, int64_t kp, const Panel* panel, int64_t r0, float* out /* [16, NT * 16] */) {
+void TileBlock(const uint16_t* xa, int64_t kp, const Panel* panel, int64_t r0, bool prefetch,
+               float* out /* [16, NT * 16] */) {
   _tile_zero(0);
   if constexpr (NT > 1) _tile_zero(1);
   if constexpr (NT > 2) _tile_zero(2);
   if constexpr (NT > 3) _tile_zero(3);
   for (int64_t k = 0; k < kp; k += kTileK) {
     const int64_t k2 = k / 2;
+    if (prefetch) {  // decode-sized rows: the weights' streaming bounds the product
+      for (int t = 0; t < NT; ++t)
+        for (int l = 0; l < kTileRows; ++l)
+          __builtin_prefetch(panel[t].base + (k2 + kPrefetchPairs + l) * panel[t].row_elems);
+    }
     _tile_loadd(4, xa + r0 * kp + k, kp * 2);
     _tile_loadd(5, panel[0].base + k2 * panel[0].row_elems, panel[0].row_elems * 2);
     _tile_dpbf16ps(0, 4, 5);
@@ -177,10 +185,10 @@ void TileItem(const uint16_t* xa, int64_t rows, int64_t kp, const uint16_t* wp, 
   float block[kTileRows * kBlockTiles * kTileN];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     switch (tiles) {
-      case 4: TileBlock<4>(xa, kp, panel, r0, block); break;
-      case 3: TileBlock<3>(xa, kp, panel, r0, block); break;
-      case 2: TileBlock<2>(xa, kp, panel, r0, block); break;
-      default: TileBlock<1>(xa, kp, panel, r0, block); break;
+      case 4: TileBlock<4>(xa, kp, panel, r0, rows <= kNarrowRows, block); break;
+      case 3: TileBlock<3>(xa, kp, panel, r0, rows <= kNarrowRows, block); break;
+      case 2: TileBlock<2>(xa, kp, panel, r0, rows <= kNarrowRows, block); break;
+      default: TileBlock<1>(xa, kp, panel, r0, rows <= kNarrowRows, block); break;
     }
     StoreRows(block, r0, std::min<int64_t>(kTileRows, rows - r0), tiles * kTileN, n, n0, y);
   }
