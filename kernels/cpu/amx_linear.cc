@@ -47,7 +47,7 @@ constexpr int kBlockTiles = 4;  // accumulator tiles per tile work item
 constexpr int kBlockN = 32;     // columns per packed block
 constexpr int kVectorRows = 4;  // up to this many rows of x: AVX-512 BF16, not tiles
 constexpr int kNarrowRows = 64; // up to this many rows, narrow products take 2-tile items
-constexpr int64_t kPrefetchPairs = 32;  // AVX-512 path: how many k2 rows ahead (4 KiB of a full block) to prefetch
+constexpr int64_t kPrefetchPairs = 32;  // decode-sized products: k2 rows of weights prefetched ahead
 
 // Columns [col, col + 16) of the packed weight: their k2 = 0 row, and elements per k2 row.
 struct Panel {
