@@ -317,26 +317,16 @@ ffi::Error AmxLinear(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Result<ff
 ffi::Error AmxQkvRope(ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> wp, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                       ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v) {
 #if TESSERA_HAVE_AMX
-  const auto type = x.element_type();
-  if (q->element_type() != type || k->element_type() != type || v->element_type() != type) {
-    return ffi::Error::InvalidArgument("amx_qkv_rope: q, k and v take x's type");
-  }
   Operand op = Prepare(x, wp, false);
   if (op.error != nullptr) return ffi::Error::InvalidArgument(op.error);
   QkvShape shape;
-  if (const char* bad = CheckQkvRope(op.rows, op.n, cos, sin, q->dimensions(), k->dimensions(), v->dimensions(), &shape)) {
+  if (const char* bad = CheckQkvRope(op.rows, op.n, x.element_type(), cos, sin, q, k, v, &shape)) {
     return ffi::Error::InvalidArgument(bad);
   }
   if (op.rows == 0) return ffi::Error::Success();
   float* y = ThreadBuffer<float>(op.rows * op.n);  // every element written by the product
   Product(op.xa, op.rows, op.kp, reinterpret_cast<const uint16_t*>(wp.typed_data()), op.n, y);
-  if (type == ffi::DataType::F32) {
-    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
-                   static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
-  } else {
-    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
-                   static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
-  }
+  WriteQkv(y, shape, cos, sin, q, k, v);
   return ffi::Error::Success();
 #else
   return ffi::Error::Unimplemented("amx_qkv_rope: built for a CPU without AMX");

@@ -267,22 +267,12 @@ ffi::Error LinearQkvRope(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
   Shapes s;
   if (const char* bad = CheckOperands(x, w, false, &s)) return ffi::Error::InvalidArgument(bad);
   QkvShape shape;
-  if (const char* bad = CheckQkvRope(s.rows, s.n, cos, sin, q->dimensions(), k->dimensions(), v->dimensions(), &shape)) {
+  if (const char* bad = CheckQkvRope(s.rows, s.n, x.element_type(), cos, sin, q, k, v, &shape)) {
     return ffi::Error::InvalidArgument(bad);
   }
-  const auto type = x.element_type();
-  if (q->element_type() != type || k->element_type() != type || v->element_type() != type) {
-    return ffi::Error::InvalidArgument("linear_qkv_rope: q, k and v take x's type");
-  }
-  std::vector<float> y(s.rows * s.n);
-  ProductToFloat(x, w, false, s, y.data());
-  if (type == ffi::DataType::F32) {
-    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
-                   static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
-  } else {
-    RotateAndSplit(y.data(), shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
-                   static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
-  }
+  float* y = ThreadBuffer<float>(s.rows * s.n);  // every element written by the product
+  ProductToFloat(x, w, false, s, y);
+  WriteQkv(y, shape, cos, sin, q, k, v);
   return ffi::Error::Success();
 }
 

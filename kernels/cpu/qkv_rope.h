@@ -48,10 +48,15 @@ void RotateAndSplit(const float* y, const QkvShape& s, const float* cos, const f
   }
 }
 
-// Checks the epilogue's operands against y's width; empty when they fit.
-inline const char* CheckQkvRope(int64_t tokens, int64_t width, ffi::Buffer<ffi::F32>& cos, ffi::Buffer<ffi::F32>& sin,
-                                ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd,
-                                ffi::AnyBuffer::Dimensions vd, QkvShape* shape) {
+// Checks the epilogue's outputs (x's element type) and cos/sin against the projection's
+// tokens and width; nullptr when they fit, with their shape in *shape.
+inline const char* CheckQkvRope(int64_t tokens, int64_t width, ffi::DataType type, ffi::Buffer<ffi::F32>& cos,
+                                ffi::Buffer<ffi::F32>& sin, ffi::Result<ffi::AnyBuffer>& q,
+                                ffi::Result<ffi::AnyBuffer>& k, ffi::Result<ffi::AnyBuffer>& v, QkvShape* shape) {
+  if (q->element_type() != type || k->element_type() != type || v->element_type() != type) {
+    return "q, k and v take x's type";
+  }
+  const auto qd = q->dimensions(), kd = k->dimensions(), vd = v->dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3) return "q, k and v must be [tokens, heads, head_dim]";
   *shape = {tokens, qd[1], kd[1], qd[2]};
   if (qd[0] != tokens || kd[0] != tokens || vd[0] != tokens || kd[2] != shape->dim || vd[1] != kd[1] ||
@@ -64,6 +69,18 @@ inline const char* CheckQkvRope(int64_t tokens, int64_t width, ffi::Buffer<ffi::
     return "cos and sin must be [tokens, head_dim / 2]";
   }
   return nullptr;
+}
+
+// RotateAndSplit into the checked outputs, in their element type (float32 or bfloat16).
+inline void WriteQkv(const float* y, const QkvShape& shape, ffi::Buffer<ffi::F32>& cos, ffi::Buffer<ffi::F32>& sin,
+                     ffi::Result<ffi::AnyBuffer>& q, ffi::Result<ffi::AnyBuffer>& k, ffi::Result<ffi::AnyBuffer>& v) {
+  if (q->element_type() == ffi::DataType::F32) {
+    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<float*>(q->untyped_data()),
+                   static_cast<float*>(k->untyped_data()), static_cast<float*>(v->untyped_data()));
+  } else {
+    RotateAndSplit(y, shape, cos.typed_data(), sin.typed_data(), static_cast<uint16_t*>(q->untyped_data()),
+                   static_cast<uint16_t*>(k->untyped_data()), static_cast<uint16_t*>(v->untyped_data()));
+  }
 }
 
 }  // namespace tessera_cpu
