@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Reinstall whenever pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Reinstall whenever the lock or pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
 .PHONY: install test serve clean cxx
 
@@ -16,12 +16,24 @@ cxx:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; } || \
 		echo "g++ not installed: CPU attention falls back to the jnp reference"
 
-$(STAMP): pyproject.toml
+# Exactly the versions in requirements.lock (hash-checked), then Tessera itself without
+# resolving again, so a fresh machine gets what the suite last passed with.
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Refresh requirements.lock from pyproject.toml's ranges (the core and the test extra).
+# Commit the result only after `make test` passes with it.
+.PHONY: lock
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --allow-unsafe --extra=test --generate-hashes --strip-extras \
+		--no-emit-index-url --no-emit-find-links --upgrade --output-file=requirements.lock pyproject.toml
 
 test: install test-services
 	$(PY) -m pytest -q

@@ -1,5 +1,5 @@
 """A fused q/k/v projection with rotary embeddings applied, on CPUs: the product kernels'
-"qkv_rope" handlers (`kernels/cpu/linear.cc`, `kernels/cpu/amx_linear.cc`, epilogue in
+"qkv_rope" handlers (`kernels/cpu/linear.cc`, `kernels/cpu/packed_linear.cc`, epilogue in
 `kernels/cpu/qkv_rope.h`).
 
 One call leaves q and k rotated and v split out, where XLA ran a fusion per part, each a
@@ -21,7 +21,7 @@ def qkv_rope_cpu(
     heads: int, kv_heads: int, *, packed: bool,
 ) -> tuple[Float[Array, "tokens heads d"], Float[Array, "tokens kv d"], Float[Array, "tokens kv d"]]:
     """x @ w split into q [T, heads, D], k and v [T, kv_heads, D], q and k rotated by cos/sin
-    [T, D / 2] (rotate-half layout). `packed`: w is packed for AMX (kernels/amx_linear.py),
+    [T, D / 2] (rotate-half layout). `packed`: w is a packed bfloat16 weight (kernels/packed_linear.py),
     else a float32/bfloat16 [K, N] weight. Outputs take x's dtype."""
     register()
     tokens, half = cos.shape
@@ -32,6 +32,6 @@ def qkv_rope_cpu(
     if (heads + 2 * kv_heads) * d != n or sin.shape != cos.shape or tokens != x.shape[0]:
         raise ValueError(f"a projection of {n} columns does not split into {heads} + 2 x {kv_heads} heads of {d}")
     shapes = tuple(jax.ShapeDtypeStruct((tokens, h, d), x.dtype) for h in (heads, kv_heads, kv_heads))
-    target = "tessera_amx_qkv_rope" if packed else "tessera_linear_qkv_rope"
+    target = "tessera_packed_qkv_rope" if packed else "tessera_linear_qkv_rope"
     call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
     return call(x, w, cos.astype(jnp.float32), sin.astype(jnp.float32))

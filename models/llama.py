@@ -130,7 +130,7 @@ class Attention(nnx.Module):
         impl = getattr(self, "linear_impl", "xla")
         rows = out.reshape(out.shape[0], -1)
         w = self.o_proj[...]
-        if impl != "amx":  # packed for AMX already as [heads * head_dim, embed]
+        if impl != "packed":  # packed already as [heads * head_dim, embed]
             w = w.reshape(rows.shape[1], -1)
         y = linear(rows, w, impl)
         return y + self.o_bias[...] if self.cfg.o_proj_bias else y
@@ -204,7 +204,7 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: Float[Array, "rows embed"]) -> Float[Array, "rows vocab"]:
         impl = getattr(self, "linear_impl", "xla")
-        if impl == "amx":  # models/linear.py packed the head, tied or not
+        if impl == "packed":  # models/linear.py packed the head, tied or not
             out = linear(hidden, self.lm_head_packed[...], impl)
         elif hasattr(self, "lm_head_kn"):  # models/linear.py: a tied head laid out [K, N]
             out = linear(hidden, self.lm_head_kn[...], impl)

@@ -60,6 +60,15 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
     return choice
 
 
+def backend_mode(platform: str, attention_backend: str) -> str:
+    """The `backend` label of `tessera:backend_mode`: the device kind, with "cpu_xla" for a CPU
+    whose C++ kernels are not in service (they did not build, or were switched off), so the
+    fallback shows on a dashboard."""
+    if platform != "cpu":
+        return platform
+    return "cpu" if attention_backend == "cpu" else "cpu_xla"
+
+
 def runs_per_device(backend: str) -> bool:
     """Custom-call backends, which XLA cannot partition: with tensor parallelism each device
     runs them on its own KV heads under shard_map."""

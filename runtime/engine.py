@@ -18,6 +18,7 @@ from models.linear import use_cpu_linear
 from models.loader import LoadedModel, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
+from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
@@ -127,6 +128,10 @@ class Engine:
             "cache_dtype": str(self.model.dtype),
             "prefix_caching_hash_algo": "sha256",
         }
+
+    def backend_mode(self) -> str:
+        """The `backend` label of the `backend_mode` metric (runtime/backend.py)."""
+        return backend_mode(self.model.mesh.devices.flat[0].platform, self.runner.attention_backend)
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()

@@ -34,7 +34,8 @@ def make_metrics(model_name: str, engine: Any) -> Any | None:
     import jax
 
     cache_config = engine.cache_config_info() if hasattr(engine, "cache_config_info") else None
-    return _metrics.TesseraMetrics(model_name, cache_config=cache_config, backend=jax.default_backend())
+    backend = engine.backend_mode() if hasattr(engine, "backend_mode") else jax.default_backend()
+    return _metrics.TesseraMetrics(model_name, cache_config=cache_config, backend=backend)
 
 
 def configure(config) -> None:

@@ -1,21 +1,13 @@
 // Shared by the CPU kernels: bfloat16 conversion, 16-float vectors, and a parallel loop on
-// the kernels' own worker threads (spin_pool.cc).
+// the kernels' own worker threads (spin_pool.cc). No XLA header here: the handlers include
+// ffi_handler.h, and the compute-only files compile without parsing it.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
 namespace tessera_cpu {
-
-namespace ffi = xla::ffi;
 
 inline float Bf16ToF32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -78,7 +70,5 @@ T* ThreadBuffer(size_t n) {
   if (buffer.size() < n) buffer.resize(n);
   return buffer.data();
 }
-
-inline bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
 
 }  // namespace tessera_cpu

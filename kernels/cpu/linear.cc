@@ -22,7 +22,7 @@
 
 #include "common.h"
 #include "qkv_rope.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_handler.h"
 
 namespace {
 

@@ -16,7 +16,7 @@
 #include <limits>
 
 #include "common.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_handler.h"
 
 namespace {
 

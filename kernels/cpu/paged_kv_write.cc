@@ -10,7 +10,7 @@
 #include <cstring>
 
 #include "common.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_handler.h"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <cstring>
 
 #include "common.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_handler.h"
 
 namespace tessera_cpu {
 

@@ -26,7 +26,7 @@
 
 #include "common.h"
 #include "ragged_paged_attention.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_handler.h"
 
 namespace {
 

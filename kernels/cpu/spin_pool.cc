@@ -12,8 +12,11 @@
 // once) does its own items alone rather than wait. Workers = usable cores - 1, or
 // TESSERA_CPU_THREADS - 1.
 
-#include <emmintrin.h>
 #include <sched.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +32,14 @@
 
 namespace tessera_cpu {
 namespace {
+
+inline void CpuRelax() {  // a spin-wait hint to the core
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 
 constexpr int64_t kDefaultSpinMicros = 200;
 
@@ -91,7 +102,7 @@ class SpinPool {
       wake_.notify_all();
     }
     job->Drain();
-    while (job->done.load(std::memory_order_acquire) != n) _mm_pause();
+    while (job->done.load(std::memory_order_acquire) != n) CpuRelax();
   }
 
  private:

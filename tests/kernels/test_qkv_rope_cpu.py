@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.amx_linear import amx_ready, pack_weight
+from kernels.packed_linear import pack_weight
 from kernels.qkv_rope_cpu import qkv_rope_cpu
 from models.rope import apply_rope
 
@@ -37,8 +37,6 @@ def _cos_sin(positions, inv_freq, dtype):
 @pytest.mark.parametrize("rows", [1, 5, 33])
 @pytest.mark.parametrize("dtype, packed", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)])
 def test_matches_projection_split_and_rope(rows, dtype, packed):
-    if packed and not amx_ready():
-        pytest.skip("this CPU has no AMX bfloat16 tiles")
     x, w, positions, inv_freq = _case(rows, dtype)
     cos, sin = _cos_sin(positions, inv_freq, dtype)
     fn = jax.jit(lambda a, b, c, s: qkv_rope_cpu(a, b, c, s, HEADS, KV_HEADS, packed=packed))

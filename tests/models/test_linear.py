@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.amx_linear import amx_ready
 from models.forward import sequence_logits
 from models.fusion import fuse_projections
 from models.linear import use_cpu_linear
@@ -17,19 +16,17 @@ from tests.helpers.tiny_checkpoint import build_checkpoint
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     # A vocabulary of 520, not a multiple of 16, so the
-    # weights cannot be packed for AMX and the small-batch kernel serves.
+    # weights cannot be packed and the small-batch kernel serves.
     return build_checkpoint(tmp_path_factory.mktemp("lin"), "llama")
 
 
 @pytest.fixture(scope="module")
 def packable_checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("amx"), "llama", vocab_size=512)
+    return build_checkpoint(tmp_path_factory.mktemp("packed"), "llama", vocab_size=512)
 
 
-@pytest.mark.parametrize("which, impl", [("checkpoint", "cpu"), ("packable_checkpoint", "amx")])
+@pytest.mark.parametrize("which, impl", [("checkpoint", "cpu"), ("packable_checkpoint", "packed")])
 def test_bfloat16_logits_follow_the_float32_model(which, impl, request):
-    if impl == "amx" and not amx_ready():
-        pytest.skip("this CPU has no AMX bfloat16 tiles")
     checkpoint = request.getfixturevalue(which)
     reference = load_model(checkpoint, "float32")
     served = use_cpu_linear(fuse_projections(load_model(checkpoint, "bfloat16")))

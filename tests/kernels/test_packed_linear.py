@@ -1,17 +1,18 @@
-"""The AMX bfloat16 product kernel against numpy: row counts off the 16-row tile, K padded to
-32, column blocks of 1-4 tiles, float32 and bfloat16 activations."""
+"""The packed bfloat16 product kernel against numpy, on whichever paths this CPU runs (AMX
+tiles, AVX-512 BF16, widening): row counts on both sides of the decode/prompt split and off
+the 16-row tile and the kernels' row blocks, K padded to 32, full and tail column blocks,
+float32 and bfloat16 activations. tests/kernels/test_cpu_targets.py runs the same products
+with the library built for each lower x86-64 level this CPU can run."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.amx_linear import amx_linear, amx_ready, pack_weight
-
-pytestmark = pytest.mark.skipif(not amx_ready(), reason="this CPU has no AMX bfloat16 tiles")
+from kernels.packed_linear import pack_weight, packed_linear
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 100])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 100, 131])
 @pytest.mark.parametrize("k, n", [(576, 960), (40, 48), (1536, 576), (64, 16), (33, 3072), (96, 80)])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 def test_products_match_numpy(rows, k, n, x_dtype):
@@ -20,7 +21,7 @@ def test_products_match_numpy(rows, k, n, x_dtype):
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     as_f32 = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
     want = as_f32(x) @ as_f32(w)
-    got = jax.jit(amx_linear)(x, pack_weight(w))
+    got = jax.jit(packed_linear)(x, pack_weight(w))
     assert got.dtype == x_dtype and got.shape == (rows, n)
     tol = 1e-5 if x_dtype == jnp.float32 else 1e-2  # float32 sums in another order; bfloat16 rounds
     scale = np.abs(want).max()
@@ -37,7 +38,7 @@ def test_gated_product_applies_silu_to_the_gate_half(rows, x_dtype):
     g, u = np.split(np.asarray(gate_up.astype(jnp.float32)), 2, axis=1)
     h = np.asarray(jnp.asarray(g / (1 + np.exp(-g)) * u).astype(jnp.bfloat16).astype(jnp.float32))
     want = h @ np.asarray(w.astype(jnp.float32))
-    got = np.asarray(jax.jit(lambda a, b: amx_linear(a, b, gated=True))(gate_up, pack_weight(w)).astype(jnp.float32))
+    got = np.asarray(jax.jit(lambda a, b: packed_linear(a, b, gated=True))(gate_up, pack_weight(w)).astype(jnp.float32))
     scale = np.abs(want).max()
     # An activation a float32 ulp away from numpy's can round to the neighbouring bfloat16.
     np.testing.assert_allclose(got / scale, want / scale, atol=2e-4 if x_dtype == jnp.float32 else 1e-2)
@@ -57,8 +58,8 @@ def test_packing_layout_and_refusals():
     with pytest.raises(ValueError, match="N a multiple of 16"):
         pack_weight(jnp.ones((8, 10)))
     with pytest.raises(ValueError, match="x has 40 columns but the packed weight holds K up to 32"):
-        amx_linear(jnp.ones((2, 40)), pack_weight(jnp.ones((30, 16))))
+        packed_linear(jnp.ones((2, 40)), pack_weight(jnp.ones((30, 16))))
     with pytest.raises(ValueError, match="an even width, got 41"):
-        amx_linear(jnp.ones((2, 41)), pack_weight(jnp.ones((20, 16))), gated=True)
+        packed_linear(jnp.ones((2, 41)), pack_weight(jnp.ones((20, 16))), gated=True)
     with pytest.raises(ValueError, match="x has 40 gate columns"):
-        amx_linear(jnp.ones((2, 80)), pack_weight(jnp.ones((30, 16))), gated=True)
+        packed_linear(jnp.ones((2, 80)), pack_weight(jnp.ones((30, 16))), gated=True)

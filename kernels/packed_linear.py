@@ -1,9 +1,10 @@
-"""x @ W with Intel AMX bfloat16 tiles: the C++ custom call of `kernels/cpu/amx_linear.cc`.
+"""x @ W on a bfloat16 weight packed once at load: the C++ custom call of
+`kernels/cpu/packed_linear.cc`.
 
-The weight is packed once, at load time, into the layout a tile product reads
-(`pack_weight`); `amx_linear(x, packed)` then serves every row count, a decode step's few
-rows and a prompt chunk's hundreds alike. `amx_ready()` says whether this CPU has AMX and
-Linux lets the process use it.
+The weight is packed once, at load time, into the layout every path reads (`pack_weight`);
+`packed_linear(x, packed)` then serves every row count, a decode step's few rows and a prompt
+chunk's hundreds alike, on AMX tiles, AVX-512 BF16 dot products, or bfloat16 widened to
+float32 in registers, whichever this CPU has (`cpu_paths()` names them).
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ from jaxtyping import Array, Float
 
 from kernels.cpu_library import available, library, register
 
-TARGET = "tessera_amx_linear"
+TARGET = "tessera_packed_linear"
 K_STEP = 32  # K is padded with zero rows to a multiple of this
 N_STEP = 16  # N must be a multiple of this
 BLOCK_N = 32  # columns per packed block
 
 
 @functools.cache
+def cpu_paths() -> dict[str, object]:
+    """What the packed product runs on this CPU: AMX tiles for prompt-sized row counts,
+    AVX-512 BF16 dot products for decode rows, and the widening path's register width in
+    floats (16 AVX-512, 8 AVX2); {} when the kernel library did not build."""
+    if not available():
+        return {}
+    bits = int(library().TesseraPackedPaths())
+    return {"amx_tiles": bool(bits & 1), "avx512_bf16": bool(bits & 2), "widen_lanes": bits >> 8}
+
+
 def amx_ready() -> bool:
-    return available() and bool(library().TesseraAmxReady())
+    return bool(cpu_paths().get("amx_tiles"))
 
 
 def packable(w: Float[Array, "k n"]) -> bool:
@@ -37,7 +48,7 @@ def pack_weight(w: Float[Array, "k n"]) -> Float[Array, "k2 two_n"]:
     (w[2 k2, n], w[2 k2 + 1, n]) for the block's columns n. K is padded with zero rows to Kp."""
     k, n = w.shape
     if n % N_STEP:
-        raise ValueError(f"AMX packing needs N a multiple of {N_STEP}, got {n}")
+        raise ValueError(f"packing needs N a multiple of {N_STEP}, got {n}")
     kp = -(-k // K_STEP) * K_STEP
     pairs = jnp.pad(w.astype(jnp.bfloat16), ((0, kp - k), (0, 0))).reshape(kp // 2, 2, n).transpose(0, 2, 1)
     full = n // BLOCK_N * BLOCK_N  # [Kp / 2, N, 2] -> full blocks [N / 32, Kp / 2, 32, 2], then the tail
@@ -46,7 +57,7 @@ def pack_weight(w: Float[Array, "k n"]) -> Float[Array, "k2 two_n"]:
     return flat.reshape(kp // 2, 2 * n)
 
 
-def amx_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"], *, gated: bool = False) -> Float[Array, "rows n"]:
+def packed_linear(x: Float[Array, "rows k"], packed: Float[Array, "k2 two_n"], *, gated: bool = False) -> Float[Array, "rows n"]:
     """x [rows, K] @ the packed weight; the result has x's dtype, summed in float32 from
     bfloat16 operands (x is rounded to bfloat16). With `gated`, x is [rows, 2 K] holding
     (gate, up) and the product is silu(gate) * up @ W, the activation computed in float32."""
