@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -64,6 +65,15 @@ def read_bandwidth_gbs(gib: float = 1.0) -> float:
         total(x).block_until_ready()
         best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the instruction sets the kernels choose between."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.processor() or platform.machine()} ({', '.join(isa) or 'no AVX2'})"
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -187,7 +197,7 @@ def bench_llama_cpp(folder: Path, gguf_type: str) -> Row:
 
 def table(rows: list[Row], bandwidth: float, model_bytes: dict[str, float]) -> str:
     lines = [
-        f"machine: {platform.processor() or platform.machine()}, 2 threads, measured read bandwidth "
+        f"machine: {cpu_model()}, {os.cpu_count()} threads, measured read bandwidth "
         f"{bandwidth:.1f} GB/s (an XLA reduction over 1 GiB, all cores)",
         "",
         "| engine | weights | batch-1 decode tok/s | GB/s (% of bandwidth) | 16 concurrent tok/s | TTFT 2048 s |",

@@ -24,10 +24,27 @@ inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
   return static_cast<uint16_t>(u >> 16);
 }
 
-// 16 floats, one AVX-512 register (two AVX2 ones where that is all the CPU has): GCC's
-// vector extension keeps the register blocking below explicit and portable.
-typedef float Vec __attribute__((vector_size(64)));
+// 16 floats: the register blocking below is written in vectors of 16 lanes. With AVX-512
+// that is one register, a GCC vector. Without it, a 64-byte GCC vector is not a register
+// type: GCC keeps it on the stack, writes it in 16-byte pieces and reads it back whole, and
+// every read stalls on store forwarding (the AVX2 attention ran 20x slower than its
+// AVX-512 build). There it is a struct of native vectors (8 lanes with AVX, 4 below), whose
+// parts GCC keeps in registers like any scalar.
 constexpr int kLanes = 16;
+
+// How many Vecs of sums a register-blocked kernel may keep: 16 of AVX-512's 32 registers; 6
+// (12 of 16 registers) with AVX2; 3 (12 of 16) below. Kernels size their row and column
+// blocks from it, so the sums never spill to the stack.
+#if defined(__AVX512F__)
+constexpr int kSumVecs = 16;
+#elif defined(__AVX__)
+constexpr int kSumVecs = 6;
+#else
+constexpr int kSumVecs = 3;
+#endif
+
+#if defined(__AVX512F__)
+typedef float Vec __attribute__((vector_size(64)));
 
 inline Vec LoadVec(const float* p) {
   Vec v;
@@ -48,6 +65,75 @@ inline Vec LoadAsFloat(const uint16_t* p) {
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
+
+inline float SumLanes(const Vec& v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+#else
+#if defined(__AVX__)
+constexpr int kPartLanes = 8;
+#else
+constexpr int kPartLanes = 4;
+#endif
+constexpr int kParts = kLanes / kPartLanes;
+typedef float Part __attribute__((vector_size(kPartLanes * 4)));
+typedef uint16_t HalfPart __attribute__((vector_size(kPartLanes * 2)));
+typedef uint32_t WordPart __attribute__((vector_size(kPartLanes * 4)));
+
+struct Vec {
+  Part part[kParts];
+
+  float operator[](int i) const { return part[i / kPartLanes][i % kPartLanes]; }
+  Vec& operator+=(const Vec& o) {
+    for (int i = 0; i < kParts; ++i) part[i] += o.part[i];
+    return *this;
+  }
+};
+inline Vec operator+(Vec a, const Vec& b) { return a += b; }
+inline Vec operator*(const Vec& a, const Vec& b) {
+  Vec v;
+  for (int i = 0; i < kParts; ++i) v.part[i] = a.part[i] * b.part[i];
+  return v;
+}
+inline Vec operator*(float s, const Vec& b) {
+  Vec v;
+  for (int i = 0; i < kParts; ++i) v.part[i] = s * b.part[i];
+  return v;
+}
+inline Vec operator*(const Vec& b, float s) { return s * b; }
+
+inline Vec LoadVec(const float* p) {
+  Vec v;
+  for (int i = 0; i < kParts; ++i) std::memcpy(&v.part[i], p + i * kPartLanes, sizeof(Part));
+  return v;
+}
+inline void StoreVec(const Vec& v, float* p) {
+  for (int i = 0; i < kParts; ++i) std::memcpy(p + i * kPartLanes, &v.part[i], sizeof(Part));
+}
+
+inline Vec LoadAsFloat(const float* p) { return LoadVec(p); }
+inline Vec LoadAsFloat(const uint16_t* p) {
+  Vec v;
+  for (int i = 0; i < kParts; ++i) {
+    HalfPart h;
+    std::memcpy(&h, p + i * kPartLanes, sizeof(h));
+    const WordPart w = __builtin_convertvector(h, WordPart) << 16;
+    std::memcpy(&v.part[i], &w, sizeof(Part));
+  }
+  return v;
+}
+
+// The parts added as vectors first: one register's lanes to add instead of 16.
+inline float SumLanes(const Vec& v) {
+  Part t = v.part[0];
+  for (int i = 1; i < kParts; ++i) t += v.part[i];
+  float total = 0.0f;
+  for (int i = 0; i < kPartLanes; ++i) total += t[i];
+  return total;
+}
+#endif
 
 // Runs call(ctx, 0..n-1) on the calling thread and the kernels' own worker threads
 // (spin_pool.cc), returning when every item is done.

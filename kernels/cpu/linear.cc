@@ -28,7 +28,8 @@ namespace {
 
 using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
 
-constexpr int kRowBlock = 4;       // "nk": rows of x per pass over a weight row
+// "nk": rows of x per pass over a weight row (4 outputs x kRowBlock sums within kSumVecs).
+constexpr int kRowBlock = kSumVecs >= 16 ? 4 : 1;
 constexpr int kOutputBlock = 16;   // "nk": outputs per work item
 constexpr int kRowsByK = 4;        // "kn": up to this many rows, split K; beyond, split N
 constexpr int kPrefetchRows = 16;  // "kn" by columns: how far down K to prefetch
@@ -102,12 +103,14 @@ inline void BlockKN(const float* x, const WT* w, const Shapes& s, int64_t r0, in
     for (int j = 0; j < NV; ++j) StoreVec(acc[r][j], y + (r0 + r) * s.n + n0 + j * kLanes);
 }
 
-// Columns [n0, n0 + 32) (NV = 2) or [n0, n0 + 16) (NV = 1) for every row, eight rows a pass.
+// Columns [n0, n0 + 32) (NV = 2) or [n0, n0 + 16) (NV = 1) for every row, as many rows a
+// pass as kSumVecs holds (8 with AVX-512; 3 or 6 with AVX2), then half that, then one.
 template <int NV, typename WT>
 inline void ColumnsKN(const float* x, const WT* w, const Shapes& s, int64_t n0, float* y) {
+  constexpr int kRows = std::min(8, kSumVecs / NV), kHalf = std::max(1, kRows / 2);
   int64_t r = 0;
-  for (; r + 8 <= s.rows; r += 8) BlockKN<8, NV>(x, w, s, r, n0, y);
-  for (; r + 4 <= s.rows; r += 4) BlockKN<4, NV>(x, w, s, r, n0, y);
+  for (; r + kRows <= s.rows; r += kRows) BlockKN<kRows, NV>(x, w, s, r, n0, y);
+  for (; r + kHalf <= s.rows; r += kHalf) BlockKN<kHalf, NV>(x, w, s, r, n0, y);
   for (; r < s.rows; ++r) BlockKN<1, NV>(x, w, s, r, n0, y);
 }
 
@@ -131,9 +134,7 @@ void ItemKN(const float* x, const WT* w, const Shapes& s, int64_t i, float* y) {
 template <int R>
 inline void Reduce(const Vec* acc, float* out) {
   for (int r = 0; r < R; ++r) {
-    float total = 0.0f;
-    for (int l = 0; l < kLanes; ++l) total += acc[r][l];
-    out[r] = total;
+    out[r] = SumLanes(acc[r]);
   }
 }
 

@@ -34,6 +34,10 @@ using namespace tessera_cpu;  // NOLINT: the kernels' shared helpers
 
 constexpr int kTileVecs = kKeyTile / kLanes;  // vectors per tile row
 constexpr int kDirectRows = 8;  // up to this many query rows (decode items): dot products against the pages
+// The transposed-tile path's register blocks: rows x vectors of sums within kSumVecs (4 x 4
+// with AVX-512; 2 x 2 with AVX2, each Vec two registers there).
+constexpr int kSliceVecs = kSumVecs >= 16 ? 4 : 2;
+constexpr int kBlockRows = kSumVecs >= 16 ? 4 : kSumVecs >= 4 ? 2 : 1;
 
 // Element types as stored: float32 as float, bfloat16 as its 16 bits.
 inline float ToFloat(float x) { return x; }
@@ -55,21 +59,23 @@ struct Scratch {
   }
 };
 
-// scores[r, :] = sum_d q[r, d] * kt[d, :] for R rows: R x kTileVecs accumulators stay in
-// registers while the tile's key lanes stream past once.
+// scores[r, :] = sum_d q[r, d] * kt[d, :] for R rows, kSliceVecs vectors of the tile at a
+// time: R x kSliceVecs sums stay in registers while that slice's key lanes stream past.
 template <int R>
 inline void ScoreRows(const float* q, const float* kt, int64_t dim, float* scores) {
-  Vec acc[R][kTileVecs] = {};
-  for (int64_t d = 0; d < dim; ++d) {
-    Vec k[kTileVecs];
-    for (int j = 0; j < kTileVecs; ++j) k[j] = LoadVec(kt + d * kKeyTile + j * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float qd = q[r * dim + d];
-      for (int j = 0; j < kTileVecs; ++j) acc[r][j] += qd * k[j];
+  for (int j0 = 0; j0 < kTileVecs; j0 += kSliceVecs) {
+    Vec acc[R][kSliceVecs] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      Vec k[kSliceVecs];
+      for (int j = 0; j < kSliceVecs; ++j) k[j] = LoadVec(kt + d * kKeyTile + (j0 + j) * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float qd = q[r * dim + d];
+        for (int j = 0; j < kSliceVecs; ++j) acc[r][j] += qd * k[j];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kSliceVecs; ++j) StoreVec(acc[r][j], scores + r * kKeyTile + (j0 + j) * kLanes);
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kTileVecs; ++j) StoreVec(acc[r][j], scores + r * kKeyTile + j * kLanes);
 }
 
 // acc[r, d0 : d0 + NV * 16] += sum_c p[r, c] * v[c, d0 : ...] for R rows, the slice of the
@@ -94,7 +100,7 @@ inline void AccumulateSlice(const float* p, const float* v, int64_t dim, int key
 template <int R>
 inline void AccumulateRows(const float* p, const float* v, int64_t dim, int keys, float* acc) {
   int64_t d0 = 0;
-  for (; d0 + 4 * kLanes <= dim; d0 += 4 * kLanes) AccumulateSlice<R, 4>(p, v, dim, keys, d0, acc);
+  for (; d0 + kSliceVecs * kLanes <= dim; d0 += kSliceVecs * kLanes) AccumulateSlice<R, kSliceVecs>(p, v, dim, keys, d0, acc);
   for (; d0 + kLanes <= dim; d0 += kLanes) AccumulateSlice<R, 1>(p, v, dim, keys, d0, acc);
   for (; d0 < dim; ++d0) {  // head_dim not a multiple of 16
     for (int c = 0; c < keys; ++c)
@@ -105,11 +111,6 @@ inline void AccumulateRows(const float* p, const float* v, int64_t dim, int keys
 // Decode items have only `group` query rows, too few to repay transposing a key tile: their
 // scores are dot products straight against the key rows in the pages (head_dim a multiple
 // of 16; bfloat16 rows widened in registers), and values are read from the pages in place.
-inline float Sum(const Vec& v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
-}
 
 template <int R, typename KT>
 inline void ScoreRowsDirect(const float* q, const KT* const* key_rows, int keys, int64_t dim, float* scores) {
@@ -119,7 +120,7 @@ inline void ScoreRowsDirect(const float* q, const KT* const* key_rows, int keys,
       const Vec k = LoadAsFloat(key_rows[c] + d);
       for (int r = 0; r < R; ++r) acc[r] += LoadVec(q + r * dim + d) * k;
     }
-    for (int r = 0; r < R; ++r) scores[r * kKeyTile + c] = Sum(acc[r]);
+    for (int r = 0; r < R; ++r) scores[r * kKeyTile + c] = SumLanes(acc[r]);
   }
 }
 
@@ -136,11 +137,11 @@ inline void AccumulateRowsDirect(const float* p, const KT* const* value_rows, in
   }
 }
 
-// Runs Kernel<R>(row offset) over `rows` rows, four at a time, then the 1-3 left.
-template <template <int> class Kernel, typename... Args>
+// Runs Kernel<R>(row offset) over `rows` rows, Block at a time (4 or fewer), then the rest.
+template <template <int> class Kernel, int Block, typename... Args>
 inline void OverRows(int64_t rows, Args... args) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) Kernel<4>::Run(r, args...);
+  for (; r + Block <= rows; r += Block) Kernel<Block>::Run(r, args...);
   switch (rows - r) {
     case 3: Kernel<3>::Run(r, args...); break;
     case 2: Kernel<2>::Run(r, args...); break;
@@ -212,7 +213,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
         key_rows[c] = kin + at;
         value_rows[c] = vin + at;
       }
-      OverRows<ScoreDirect>(rows, static_cast<const float*>(s.q.data()), static_cast<const KT* const*>(key_rows),
+      OverRows<ScoreDirect, 4>(rows, static_cast<const float*>(s.q.data()), static_cast<const KT* const*>(key_rows),
                             keys, D, s.scores.data());
     } else {
       for (int c = 0; c < kKeyTile; ++c) {
@@ -228,7 +229,7 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
           for (int64_t d = 0; d < D; ++d) s.v[c * D + d] = ToFloat(vin[at + d]);
         }
       }
-      OverRows<ScoreTile>(rows, static_cast<const float*>(s.q.data()), static_cast<const float*>(s.kt.data()), D,
+      OverRows<ScoreTile, kBlockRows>(rows, static_cast<const float*>(s.q.data()), static_cast<const float*>(s.kt.data()), D,
                           s.scores.data());
     }
 
@@ -265,10 +266,10 @@ void RunItem(const Problem& pb, const WorkItem& item, Scratch& s) {
       s.row_max[r] = new_max;
     }
     if (direct) {
-      OverRows<AccumulateDirect>(rows, static_cast<const float*>(s.scores.data()),
+      OverRows<AccumulateDirect, 4>(rows, static_cast<const float*>(s.scores.data()),
                                  static_cast<const KT* const*>(value_rows), D, keys, s.acc.data());
     } else {
-      OverRows<AccumulateTile>(rows, static_cast<const float*>(s.scores.data()), static_cast<const float*>(s.v.data()),
+      OverRows<AccumulateTile, kBlockRows>(rows, static_cast<const float*>(s.scores.data()), static_cast<const float*>(s.v.data()),
                                D, keys, s.acc.data());
     }
   }
