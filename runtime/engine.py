@@ -154,10 +154,10 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if not ids:
             raise ValueError("prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len:  # before the per-token scan: a huge prompt costs one len()
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens and the "

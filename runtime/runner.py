@@ -27,6 +27,7 @@ from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sa
 from runtime.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+MIN_TOP_P = 1e-30  # a normal float32: keeps exactly the most likely token
 
 
 def _step(
@@ -143,7 +144,10 @@ class Runner:
             query_start[row + 1] = at
             logits_indices[row] = at - 1
             p = seq.request.params
-            temperature[row], top_p[row], top_k[row], min_p[row] = p.temperature, p.top_p, p.top_k, p.min_p
+            # Values were checked to fit (runtime/request.py); a tiny top_p would round to 0 in
+            # float32 and keep no token, so it is raised to the least that still keeps the top one.
+            temperature[row] = 0.0 if p.greedy else p.temperature
+            top_p[row], top_k[row], min_p[row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
             seeds[row], sample_pos[row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
         # numpy arrays go straight into the jitted call, which copies them to the device.

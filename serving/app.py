@@ -18,6 +18,7 @@ from runtime.async_engine import AsyncEngine
 from serving.auth.access import Access, build_access
 from serving.auth.guard import AccessMiddleware, authorize, needs
 from serving.auth.principal import PUBLIC
+from serving.body import BodyRequest
 from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
 from serving.forwarded import ForwardedHeadersMiddleware
@@ -58,6 +59,7 @@ class TesseraPlugin(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         self._configure_routes(app_config)
+        self._configure_bodies(app_config)
         self._configure_access(app_config)
         self._configure_openapi(app_config)
         self._configure_errors(app_config)
@@ -75,6 +77,10 @@ class TesseraPlugin(InitPluginProtocol):
                                                          trusted=server.config.trusted_proxies))
         app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
         app_config.state["server"] = server
+
+    def _configure_bodies(self, app_config: AppConfig) -> None:
+        """Every handler's `data` through serving/body.py: JSON only, bounded, strictly typed."""
+        app_config.request_class = BodyRequest
 
     def _configure_access(self, app_config: AppConfig) -> None:
         """The guard checks every route's declared scope; the middleware adds rate-limit headers

@@ -17,7 +17,7 @@ from litestar import Request
 from runtime.async_engine import EngineDeadError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import SamplingParams
-from serving.errors import APIError, from_engine_error
+from serving.errors import APIError, ClientDisconnected, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
 from serving.state import ServerState
@@ -29,13 +29,6 @@ _END = object()
 
 def sse_event(payload) -> bytes:
     return b"data: " + encode_json(payload) + b"\n\n"
-
-
-class ClientDisconnected(APIError):
-    """The client left before its response was ready (499, nginx's word for it)."""
-
-    def __init__(self):
-        super().__init__(499, "the client closed the connection", code="client_closed_request")
 
 
 @dataclass
