@@ -118,6 +118,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
+    ERROR = "error"  # the engine step computing it failed (runtime/faults.py)
 
 
 _seq_ids = itertools.count()
@@ -179,6 +180,7 @@ class Request:
     tenant: str = "default"
     cache_salt: str = ""  # isolates this request's prefix-cache entries from other salts
     adapter_id: str = ""
+    trace_id: str = ""  # the caller's id for logs and audit lines (the HTTP request id)
     arrival_time: float = field(default_factory=time.monotonic)
     eos_token_ids: frozenset[int] = frozenset()  # the model's end tokens (tokenizer and config)
     seed: int = 0

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from litestar import Request
 
-from runtime.async_engine import EngineDeadError
+from runtime.async_engine import EngineDeadError, EngineStepError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import SamplingParams
 from serving.errors import APIError, ClientDisconnected, from_engine_error
@@ -90,6 +90,10 @@ class Generation:
                 yield prompt_index, output
         except ValueError as e:
             raise from_engine_error(e) from None
+        except EngineStepError as e:
+            # The engine failed this request (and its step's others) and carries on; no retry, as
+            # the same input could fail again. The id finds the engine's log and audit lines.
+            raise APIError(500, f"{e}; request id {self.record.request_id}", code="engine_error") from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine has stopped: {e}", code="engine_dead") from None
         finally:
