@@ -105,6 +105,8 @@ class TesseraPlugin(InitPluginProtocol):
 
     async def _start(self) -> None:
         self.server.engine.start()
+        if self.server.owns_engine:  # `tessera serve`: the tokenizer workers spawn now, not on the first request
+            self.server.tokenizer_pool.start()
         audit_event("model.load", "success", actor="system", object=f"model:{self.server.model_name}")
 
     async def _stop(self) -> None:
