@@ -58,6 +58,7 @@ _CUMULATIVE = {
     # Tessera's: faults the engine survived (runtime/faults.py).
     "engine_step_faults": "Engine steps that raised; the requests they were computing failed.",
     "engine_reinitialisations": "Faults that took the KV cache with them: cache and compiled step rebuilt.",
+    "kv_events_dropped": "KV cache events dropped because no consumer took them before the ring filled.",
 }
 
 

@@ -67,6 +67,7 @@ class EngineStats:
     steps: int
     engine_step_faults: int = 0
     engine_reinitialisations: int = 0
+    kv_events_dropped: int = 0  # KV events no consumer took before the ring (max_kv_events) overflowed
 
 
 class Engine:
@@ -77,7 +78,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         num_blocks = config.num_blocks or self._blocks_for_memory(config)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching,
+                                   max_events=config.max_kv_events)
         limits = SchedulerLimits(
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, config.enable_chunked_prefill
         )
@@ -129,6 +131,7 @@ class Engine:
             steps=self.counters.steps,
             engine_step_faults=self.counters.step_faults,
             engine_reinitialisations=self.counters.reinitialisations,
+            kv_events_dropped=self.blocks.num_events_dropped,
         )
 
     def cache_config_info(self) -> dict[str, str]:

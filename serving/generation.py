@@ -80,7 +80,7 @@ class Generation:
             async for prompt_index, output in source:
                 self.record.note_tokens(sum(len(o.token_ids) for o in output.outputs))
                 if prompt_index == 0:  # the logs and /debug keep the first choice's text
-                    self.record.completion_parts += [o.text for o in output.outputs if o.index == 0]
+                    self.record.add_completion_text([o.text for o in output.outputs if o.index == 0])
                 self.record.finish_reasons += [o.finish_reason for o in output.outputs if o.finish_reason]
                 if output.finished:
                     self.num_cached_tokens += output.num_cached_tokens
