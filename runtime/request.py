@@ -67,10 +67,14 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"must be in [0, {MAX_LOGPROBS}]")
+        _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop), "stop",
+               self.stop, "must be a sequence of non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
-        _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, f"must be integers in [0, {INT32_MAX}]")
+        _check(isinstance(self.stop_token_ids, (tuple, list))
+               and all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, f"must be a sequence of integers in [0, {INT32_MAX}]")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
         if self.seed is not None:
             _check(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
