@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import anyio
@@ -104,6 +105,11 @@ class TesseraPlugin(InitPluginProtocol):
         app_config.on_shutdown.append(self._stop)
 
     async def _start(self) -> None:
+        # What start-up made (modules, the model's structures) lives as long as the process:
+        # frozen, it is left out of the full collections that stop every request, which walked
+        # it for 0.1-0.3 s at a time here (measured beside the 4 MiB prompt test).
+        gc.collect()
+        gc.freeze()
         self.server.engine.start()
         if self.server.owns_engine:  # `tessera serve`: the tokenizer workers spawn now, not on the first request
             self.server.tokenizer_pool.start()

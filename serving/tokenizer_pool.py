@@ -7,6 +7,10 @@ templates render in Python: in threads, either would stall every other request o
 loop. A worker hands back token ids as a compact `array` (one buffer to pickle); the caller
 checks their count before it makes a Python list of them.
 
+Small inputs (up to `INLINE_CHARS` characters of text or `INLINE_IDS` ids) are handled in
+place: the round trip to a worker costs more than their work (well under a millisecond of the
+loop), and the soak (perf/soak_prefix_cache.py) lost ~20% of its requests per second to it.
+
 Workers are spawned (never forked: the server process runs jax and the engine's threads),
 load a pickled copy of the tokenizer once, run at a lower CPU priority than the serving
 process and with one tokenizer thread each (the pool is the parallelism). One pool serves
@@ -30,6 +34,8 @@ from models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 WORKER_NICE = 5  # below the event loop and the engine: a huge prompt must not slow everyone else
+INLINE_CHARS = 1024  # ~1 ms of tokenizing at the ~1 MB/s measured here
+INLINE_IDS = 1024
 
 _pools: weakref.WeakKeyDictionary[Tokenizer, TokenizerPool] = weakref.WeakKeyDictionary()
 
@@ -64,22 +70,26 @@ class TokenizerPool:
             self._executor.submit(os.getpid)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> array:
-        return await self._run(_encode, text, add_special_tokens)
+        return await self._run(len(text) <= INLINE_CHARS, _encode, text, add_special_tokens)
 
     async def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
                           template_kwargs: Mapping[str, Any] | None) -> tuple[str, array]:
         """The chat template's text and its token ids (the template writes its own special tokens).
         Raises ChatTemplateError or TypeError (a kwarg the template refuses) as the template does."""
-        return await self._run(_render_chat, list(messages), add_generation_prompt, dict(template_kwargs or {}))
+        small = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) <= INLINE_CHARS
+        return await self._run(small, _render_chat, list(messages), add_generation_prompt,
+                               dict(template_kwargs or {}))
 
     async def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return await self._run(_decode, list(ids), skip_special_tokens)
+        return await self._run(len(ids) <= INLINE_IDS, _decode, list(ids), skip_special_tokens)
 
     async def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (special tokens included), as /tokenize's `token_strs`."""
-        return await self._run(_token_texts, list(ids))
+        return await self._run(len(ids) <= INLINE_IDS // 16, _token_texts, list(ids))
 
-    async def _run(self, fn, *args):
+    async def _run(self, inline: bool, fn, *args):
+        if inline:
+            return fn(*args, tokenizer=self.tokenizer)
         executor = self._executor
         try:
             return await asyncio.wrap_future(executor.submit(fn, *args))
@@ -110,18 +120,23 @@ def _ids(ids: list[int]) -> array:
     return array("l", ids)
 
 
-def _encode(text: str, add_special_tokens: bool) -> array:
-    return _ids(_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+# Each takes the tokenizer to use in place (small inputs); in a worker, the one it loaded.
+
+def _encode(text: str, add_special_tokens: bool, tokenizer: Tokenizer | None = None) -> array:
+    return _ids((tokenizer or _tokenizer).encode(text, add_special_tokens=add_special_tokens))
 
 
-def _render_chat(messages: list, add_generation_prompt: bool, template_kwargs: dict) -> tuple[str, array]:
-    text = _tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
-    return text, _ids(_tokenizer.encode(text, add_special_tokens=False))
+def _render_chat(messages: list, add_generation_prompt: bool, template_kwargs: dict,
+                 tokenizer: Tokenizer | None = None) -> tuple[str, array]:
+    tokenizer = tokenizer or _tokenizer
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return text, _ids(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _decode(ids: list[int], skip_special_tokens: bool) -> str:
-    return _tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+def _decode(ids: list[int], skip_special_tokens: bool, tokenizer: Tokenizer | None = None) -> str:
+    return (tokenizer or _tokenizer).decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def _token_texts(ids: list[int]) -> list[str]:
-    return [_tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+def _token_texts(ids: list[int], tokenizer: Tokenizer | None = None) -> list[str]:
+    tokenizer = tokenizer or _tokenizer
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
