@@ -165,7 +165,11 @@ class AsyncEngine:
                     log.exception("adding request %s failed", request.request_id)
                     self._deliver(request.request_id, RuntimeError(f"the engine could not add the request: {e!r}"))
             elif kind == "abort":
-                output = self.engine.abort(arg)
+                try:
+                    output = self.engine.abort(arg)
+                except Exception:  # noqa: BLE001 - a failed abort must not stop the loop for everyone
+                    log.exception("aborting request %s failed", arg)
+                    continue
                 if output is not None:
                     self._deliver(arg, output)
                     self._report_finished(output, "abort")
