@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
-import os
 import queue
 import sys
 import threading
@@ -32,6 +30,8 @@ import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import IO, Any
+
+from ops.private_files import PrivateRotatingFileHandler
 
 log = logging.getLogger(__name__)
 AUDIT_LOGGER = "tessera.audit"
@@ -49,7 +49,7 @@ class _FileSink:
     """A size-rotated file whose files are created mode 0600."""
 
     def __init__(self, path: str, max_bytes: int, backup_count: int, kms: Any = None):
-        self.handler = _PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count,
+        self.handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count,
                                                    encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         if kms is not None:  # rotated files are sealed under KMS data keys: F.1.enc, F.2.enc, ...
@@ -62,12 +62,6 @@ class _FileSink:
 
     def close(self) -> None:
         self.handler.close()
-
-
-class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, self.mode, encoding=self.encoding)
 
 
 class _StreamSink:

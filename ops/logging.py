@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json as jsonlib
 import logging
-import logging.handlers
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import structlog
+
+from ops.private_files import PrivateRotatingFileHandler
 
 ACCESS_LOGGER = "tessera.access"
 TEXT_FIELDS = frozenset({"prompt", "completion", "messages", "prompt_text", "completion_text"})
@@ -96,7 +97,7 @@ def configure_logging(
     ]
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     if log_file:
-        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+        handler: logging.Handler = PrivateRotatingFileHandler(  # 0600, as the audit file
             log_file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
         )
     else:

@@ -55,6 +55,10 @@ _CUMULATIVE = {
     "num_preemptions": "Cumulative number of preemption from the engine.",
     "prompt_tokens": "Number of prefill tokens processed.",
     "generation_tokens": "Number of generation tokens processed.",
+    # Tessera's: faults the engine survived (runtime/faults.py).
+    "engine_step_faults": "Engine steps that raised; the requests they were computing failed.",
+    "engine_reinitialisations": "Faults that took the KV cache with them: cache and compiled step rebuilt.",
+    "kv_events_dropped": "KV cache events dropped because no consumer took them before the ring filled.",
 }
 
 
@@ -150,7 +154,7 @@ class TesseraMetrics:
         self.kv_cache_usage_perc.set(stats.kv_cache_usage_perc)
         self.kv_cache_fragmentation_ratio.set(stats.kv_cache_fragmentation_ratio)
         for name, counter in self.counters.items():
-            value = getattr(stats, name)
+            value = getattr(stats, name, 0)
             grown = value - self._seen[name]
             if grown < 0:  # a new engine behind the same metrics: its counts start from zero
                 grown = value

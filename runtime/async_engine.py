@@ -8,6 +8,10 @@ are freed before the next step.
 With `metrics` (an `ops.metrics.TesseraMetrics`), the loop thread reports the engine's
 stats after each step and after commands change the queues, and each finished request's
 timings (aborted ones too, as "abort"). A failing metrics call is logged, never fatal.
+
+A step that fails fails only its own requests (`EngineStepError` in their consumers); the
+loop carries on. Only a fault the engine cannot recover from stops the loop: every waiting
+consumer gets `EngineDeadError`, and so does every later request (`/health` turns 503).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from ops.audit import audit_event
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
@@ -31,6 +36,10 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The step loop failed; requests in flight cannot finish."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine step computing this request failed; the engine itself carries on."""
 
 
 class AsyncEngine:
@@ -93,6 +102,9 @@ class AsyncEngine:
                     raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine loop has stopped: {item!r}") from item
+                if item.error is not None:
+                    finished = True  # the engine has already dropped it
+                    raise EngineStepError(item.error)
                 yield item
                 if item.finished:
                     finished = True
@@ -126,7 +138,9 @@ class AsyncEngine:
                     self._report_finished(output)
                 self._report_step(self.engine.counters.last_step_tokens)
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
-            log.exception("engine loop failed")
+            log.exception("engine loop failed; the engine is dead")
+            audit_event("engine.fault", "failure", actor="system", object=f"model:{self.engine.config.model_id}",
+                        kind="dead", reason=type(e).__name__)
             self.error = e
             with self._lock:
                 request_ids = list(self._streams)
@@ -147,8 +161,15 @@ class AsyncEngine:
                     self.engine.add(request)
                 except ValueError as e:  # e.g. an id still in use: only this request fails
                     self._deliver(request.request_id, e)
+                except Exception as e:  # noqa: BLE001 - a bug met by one request fails that request
+                    log.exception("adding request %s failed", request.request_id)
+                    self._deliver(request.request_id, RuntimeError(f"the engine could not add the request: {e!r}"))
             elif kind == "abort":
-                output = self.engine.abort(arg)
+                try:
+                    output = self.engine.abort(arg)
+                except Exception:  # noqa: BLE001 - a failed abort must not stop the loop for everyone
+                    log.exception("aborting request %s failed", arg)
+                    continue
                 if output is not None:
                     self._deliver(arg, output)
                     self._report_finished(output, "abort")
@@ -162,6 +183,8 @@ class AsyncEngine:
 
     def _report_finished(self, output: RequestOutput, reason: str | None = None) -> None:
         if self.metrics is not None and output.finished:
+            if output.error is not None:
+                reason = "error"
             try:
                 self.metrics.on_request_finished(output.timings, reason or output.timings.finished_reason or "abort")
             except Exception:  # noqa: BLE001

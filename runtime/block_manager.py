@@ -5,13 +5,18 @@ content is fixed, and it gets a key: SHA-256 over (parent block's key, its token
 id, adapter id, cache salt). Equal keys mean equal KV, in any process, after any restart.
 A freed block keeps its key and sits in an LRU pool; a later sequence with the same prefix
 takes it back instead of recomputing it, until the pool needs the page for something else.
+
+Every key stored or evicted is also an event for consumers (a router, a metadata store) that
+`take_events()` drains. Until one is wired up nothing drains them, so they are a ring of the
+newest `max_events`: older ones are dropped and counted, and memory stays flat however long
+the server runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from runtime.request import Sequence
@@ -71,6 +76,7 @@ class BlockManager:
     model_id: str = ""
     enable_prefix_caching: bool = True
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    max_events: int = 10_000  # KV events kept until taken; beyond it the oldest are dropped
 
     def __post_init__(self):
         if self.num_blocks < 1 or self.block_size < 1:
@@ -79,7 +85,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_blocks))  # LRU first
         self._cached: dict[bytes, int] = {}  # key -> block id
         self._seq_keys: dict[int, list[bytes]] = {}  # seq id -> keys of its full blocks, in order
-        self._events: list = []
+        self._events: deque = deque(maxlen=max(self.max_events, 0))
+        self.num_events_dropped = 0
 
     # -- figures -----------------------------------------------------------------------
 
@@ -103,8 +110,14 @@ class BlockManager:
         return (allocated - used) / allocated if allocated else 0.0
 
     def take_events(self) -> list:
-        events, self._events = self._events, []
+        events = list(self._events)
+        self._events.clear()
         return events
+
+    def _emit(self, event) -> None:
+        if len(self._events) == self._events.maxlen:
+            self.num_events_dropped += 1  # the deque drops the oldest (or, with no room at all, this one)
+        self._events.append(event)
 
     # -- prefix cache --------------------------------------------------------------------
 
@@ -162,7 +175,7 @@ class BlockManager:
             first, end = run[0], run[-1] + 1
             parent = keys[first - 1] if first else ROOT_KEY
             tokens = tuple(seq.token_ids[first * self.block_size : end * self.block_size])
-            self._events.append(BlockStored(tuple(keys[first:end]), parent, tokens, self.block_size))
+            self._emit(BlockStored(tuple(keys[first:end]), parent, tokens, self.block_size))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every key; refused (False) while a block is in use."""
@@ -172,7 +185,7 @@ class BlockManager:
             block.key = None
         self._cached.clear()
         self._seq_keys.clear()
-        self._events.append(AllBlocksCleared())
+        self._emit(AllBlocksCleared())
         return True
 
     # -- allocation ----------------------------------------------------------------------
@@ -230,7 +243,7 @@ class BlockManager:
         block = self._blocks[block_id]
         if block.key is not None:  # evict the least recently used cached block
             del self._cached[block.key]
-            self._events.append(BlockRemoved((block.key,)))
+            self._emit(BlockRemoved((block.key,)))
             block.key = None
         block.ref_count = 1
         return block_id

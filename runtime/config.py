@@ -23,6 +23,8 @@ class EngineConfig:
     """Split long prompts across steps, mixed with other sequences' decodes."""
     enable_prefix_caching: bool = True
     """Reuse KV pages of prompt prefixes seen before."""
+    max_kv_events: int = 10_000
+    """KV cache events the block manager keeps until a consumer takes them; the oldest are dropped beyond."""
     token_buckets: tuple[int, ...] | None = None
     """Padded token counts the step compiles for; None = powers of two up to the budget."""
     model_id: str = ""

@@ -2,6 +2,9 @@
 
     step():  scheduler.schedule() -> runner.run(batch) -> scheduler.postprocess(batch, tokens)
              -> text and stop strings -> RequestOutput per request that made progress
+
+A step that raises fails its own requests (outputs with `error` set) and the engine carries
+on; a fault that took the KV cache with it reinitialises the runner (runtime/faults.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from models.linear import use_cpu_linear
 from models.loader import LoadedModel, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
+from ops.audit import audit_event
 from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
+from runtime.faults import EngineUnrecoverable, FaultInjector
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
 from runtime.runner import Runner
@@ -41,6 +46,8 @@ class EngineCounters:
     finished_requests: int = 0
     step_seconds: float = 0.0
     last_step_tokens: int = 0  # tokens computed by the latest step (0 when it had nothing to do)
+    step_faults: int = 0  # steps that raised; their requests failed
+    reinitialisations: int = 0  # faults that took the KV cache with them (cache and step rebuilt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,9 @@ class EngineStats:
     generation_tokens: int
     iteration_tokens: int  # tokens computed by the latest step
     steps: int
+    engine_step_faults: int = 0
+    engine_reinitialisations: int = 0
+    kv_events_dropped: int = 0  # KV events no consumer took before the ring (max_kv_events) overflowed
 
 
 class Engine:
@@ -68,7 +78,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         num_blocks = config.num_blocks or self._blocks_for_memory(config)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching,
+                                   max_events=config.max_kv_events)
         limits = SchedulerLimits(
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, config.enable_chunked_prefill
         )
@@ -82,6 +93,7 @@ class Engine:
         self._texts: dict[int, SequenceText] = {}
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
+        self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
 
     @classmethod
     def from_model_dir(
@@ -117,6 +129,9 @@ class Engine:
             generation_tokens=self.counters.generation_tokens,
             iteration_tokens=self.counters.last_step_tokens,
             steps=self.counters.steps,
+            engine_step_faults=self.counters.step_faults,
+            engine_reinitialisations=self.counters.reinitialisations,
+            kv_events_dropped=self.blocks.num_events_dropped,
         )
 
     def cache_config_info(self) -> dict[str, str]:
@@ -148,16 +163,17 @@ class Engine:
         priority: int = 0,
         tenant: str = "default",
         cache_salt: str = "",
+        trace_id: str = "",
     ) -> Request:
         """A checked request, not yet queued. Raises ValueError naming the bad field."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.cfg.vocab_size
         if not ids:
             raise ValueError("prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len:  # before the per-token scan: a huge prompt costs one len()
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens and the "
@@ -185,6 +201,7 @@ class Engine:
             priority=priority,
             tenant=tenant,
             cache_salt=cache_salt,
+            trace_id=trace_id,
             eos_token_ids=self.eos_token_ids,
         )
 
@@ -201,13 +218,13 @@ class Engine:
         self.add(request)
         return request
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id, reason)
         if request is None:
             return None
         outputs = [
             CompletionOutput(s.index, self._texts.pop(s.seq_id).finish() if s.seq_id in self._texts else "", [],
-                             None, FinishReason.ABORT.value)
+                             None, reason.value)
             for s in request.sequences
         ]
         return self._request_output(request, outputs)
@@ -223,6 +240,15 @@ class Engine:
         if batch.is_empty:
             return []
         self._note_scheduled(batch, time.time())
+        try:
+            self.faults.before_step(self.runner.kv_cache)
+            outputs = self._run_step(batch)
+        except Exception as error:  # noqa: BLE001 - a step's fault is its requests' failure, not the engine's
+            return self._fail_step(batch, error)
+        self.counters.finished_requests += sum(o.finished for o in outputs)
+        return outputs
+
+    def _run_step(self, batch: SchedulerOutput) -> list[RequestOutput]:
         result = self.runner.run(batch)
         grown = self.scheduler.postprocess(batch, result.tokens)
         self.counters.steps += 1
@@ -237,9 +263,50 @@ class Engine:
         now = time.time()
         for request, _ in by_request.values():
             self._note_tokens(request, now)
-        outputs = [self._request_output(request, outs) for request, outs in by_request.values()]
-        self.counters.finished_requests += sum(o.finished for o in outputs)
+        return [self._request_output(request, outs) for request, outs in by_request.values()]
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def _fail_step(self, batch: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """Fail the requests this step was computing; rebuild the cache and step if the fault
+        took the cache with it. Raises EngineUnrecoverable when even that fails."""
+        self.counters.step_faults += 1
+        requests = list({c.seq.request.request_id: c.seq.request for c in batch.chunks}.values())
+        log.error("engine step failed (%s: %s); failing requests %s", type(error).__name__, error,
+                  ", ".join(_named(r) for r in requests), exc_info=error)
+        outputs = []
+        for request in requests:
+            output = self.abort(request.request_id, FinishReason.ERROR)
+            if output is not None:
+                output.error = f"the engine step computing this request failed ({type(error).__name__})"
+                outputs.append(output)
+            self._audit_fault("step", "failure", type(error).__name__, request)
+        if not self.runner.cache_intact():
+            self._reinitialise(error)
         return outputs
+
+    def _reinitialise(self, cause: Exception) -> None:
+        self.counters.reinitialisations += 1
+        requeued = self.scheduler.requeue_running()  # their pages are gone: recomputed from their tokens
+        cleared = self.blocks.reset_prefix_cache()
+        assert cleared, "every page is free once the running sequences are requeued"
+        log.error("engine reinitialising after %s: new KV cache and compiled step; %d running sequences "
+                  "requeued", type(cause).__name__, requeued)
+        try:
+            self.faults.before_probe()
+            seconds = self.runner.reinitialise()
+        except Exception as e:  # noqa: BLE001 - reported as the engine's death, below
+            self._audit_fault("reinitialise", "failure", type(e).__name__)
+            raise EngineUnrecoverable(f"the engine could not be reinitialised after {type(cause).__name__}: "
+                                      f"{type(e).__name__}: {e}") from e
+        self._audit_fault("reinitialise", "success", type(cause).__name__)
+        log.warning("engine reinitialised in %.1fs", seconds)
+
+    def _audit_fault(self, kind: str, outcome: str, reason: str, request: Request | None = None) -> None:
+        audit_event("engine.fault", outcome, actor="system", object=f"model:{self.config.model_id}",
+                    tenant=request.tenant if request else None,
+                    request_id=(request.trace_id or request.request_id) if request else None,
+                    engine_request_id=request.request_id if request else None, kind=kind, reason=reason)
 
     def _note_scheduled(self, batch: SchedulerOutput, now: float) -> None:
         for chunk in batch.chunks:
@@ -322,3 +389,7 @@ class Engine:
                         acc.logprobs = (acc.logprobs or []) + o.logprobs
                     acc.finish_reason, acc.stop_reason = o.finish_reason, o.stop_reason
         return done
+
+
+def _named(request: Request) -> str:
+    return f"{request.request_id} (request id {request.trace_id})" if request.trace_id else request.request_id

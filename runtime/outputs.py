@@ -89,6 +89,7 @@ class RequestOutput:
     num_generated_tokens: int = 0  # all samples, so far
     metrics: dict[str, float] = field(default_factory=dict)
     timings: RequestTimings = field(default_factory=RequestTimings)
+    error: str | None = None  # set (with finished=True) when the step computing the request failed
 
 
 class SequenceText:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP_STRINGS = 16
+# What the step's arrays hold: int32 for counts and ids, float32 for the sampling floats.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_REPETITION_PENALTY = 0.01  # positive logits are divided by it: a smaller one overflows float32 to inf
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's rule): 1/T would overflow float32 logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,26 +45,42 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be an integer >= 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 disables it)")
-        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
-        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
-        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
-        _check(0 < self.repetition_penalty <= 2, "repetition_penalty", self.repetition_penalty, "must be in (0, 2]")
-        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", self.n, f"must be an integer in [1, {MAX_N}]")
-        _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, "must be in [0, max_tokens]")
+        """Every value must fit the step's arrays (int32, float32): a value that does not is this
+        request's ValueError, never a fault of the step that would carry it. NaN fails every
+        range check below, as it compares false."""
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be an integer >= 1")
+        _check(_is_real(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX, "temperature", self.temperature,
+               "must be >= 0 and finite")
+        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX, "top_k", self.top_k,
+               f"must be an integer in [0, {INT32_MAX}] (0 disables it)")
+        _check(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        _check(_is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+               self.presence_penalty, "must be in [-2, 2]")
+        _check(_is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+               self.frequency_penalty, "must be in [-2, 2]")
+        _check(_is_real(self.repetition_penalty) and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
+               "repetition_penalty", self.repetition_penalty, f"must be in [{MIN_REPETITION_PENALTY}, 2]")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n, f"must be an integer in [1, {MAX_N}]")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+               "must be in [0, max_tokens]")
         if self.logprobs is not None:
-            _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+            _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
+                   f"must be in [0, {MAX_LOGPROBS}]")
+        _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop), "stop",
+               self.stop, "must be a sequence of non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
+        _check(isinstance(self.stop_token_ids, (tuple, list))
+               and all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, f"must be a sequence of integers in [0, {INT32_MAX}]")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
         if self.seed is not None:
-            _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
+            _check(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def needs_logit_adjustment(self) -> bool:
@@ -73,7 +95,20 @@ class SamplingParams:
 
 def _check(ok: bool, field_name: str, value, rule: str) -> None:
     if not ok:
-        raise ValueError(f"{field_name}={value!r} {rule}")
+        raise ValueError(f"{field_name}={_shown(value)} {rule}")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."  # a huge list is named, not echoed
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 class SequenceStatus(enum.Enum):
@@ -87,6 +122,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
+    ERROR = "error"  # the engine step computing it failed (runtime/faults.py)
 
 
 _seq_ids = itertools.count()
@@ -148,6 +184,7 @@ class Request:
     tenant: str = "default"
     cache_salt: str = ""  # isolates this request's prefix-cache entries from other salts
     adapter_id: str = ""
+    trace_id: str = ""  # the caller's id for logs and audit lines (the HTTP request id)
     arrival_time: float = field(default_factory=time.monotonic)
     eos_token_ids: frozenset[int] = frozenset()  # the model's end tokens (tokenizer and config)
     seed: int = 0

@@ -27,6 +27,7 @@ from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sa
 from runtime.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+MIN_TOP_P = 1e-30  # a normal float32: keeps exactly the most likely token
 
 
 def _step(
@@ -65,7 +66,7 @@ class Runner:
         )
         kernel_per_device = runs_per_device(self.attention_backend) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
-        self.block_size = block_size
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.token_buckets = token_buckets
@@ -75,10 +76,16 @@ class Runner:
         # passes a flat list of arrays, and jit neither hashes the module graph nor walks the
         # NNX state each step (milliseconds of host time per step otherwise).
         self._state_leaves, state_def = jax.tree.flatten(model.state)
+        self._state_def = state_def
+        self._warmed: list[tuple[int, bool]] = []  # (bucket, adjust) programs warm_up compiled
+        self._jitted_step = self._jit_step()
+
+    def _jit_step(self):
         # Sampling's top logprobs and normaliser from the CPU kernel on one CPU device.
+        model = self.model
         cpu_kernels = model.mesh.size == 1 and model.mesh.devices.flat[0].platform == "cpu" and available()
-        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def, summary_impl="cpu" if cpu_kernels else "xla"),
-                                    donate_argnames=("kv_cache",))
+        return jax.jit(partial(_step, model.graphdef, self._state_def, summary_impl="cpu" if cpu_kernels else "xla"),
+                       donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.token_buckets:
@@ -97,7 +104,35 @@ class Runner:
         started = time.perf_counter()
         for bucket in self.token_buckets:
             for adjust in adjust_variants:
-                self._execute(SchedulerOutput(), bucket, adjust)
+                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust))
+                if (bucket, adjust) not in self._warmed:
+                    self._warmed.append((bucket, adjust))
+        return time.perf_counter() - started
+
+    # -- after a fault (runtime/faults.py) ---------------------------------------------------
+
+    def cache_intact(self) -> bool:
+        """Whether the KV cache survived a failed step: a donated cache is deleted once the step
+        was dispatched, and the outputs of a step that failed on the device cannot be read."""
+        try:
+            leaves = jax.tree.leaves(self.kv_cache)
+            if any(leaf.is_deleted() for leaf in leaves):
+                return False
+            jax.block_until_ready(leaves)
+            return True
+        except Exception:  # noqa: BLE001 - an unreadable cache is the answer, not an error
+            return False
+
+    def reinitialise(self) -> float:
+        """A new (zeroed) cache and a newly compiled step, then the programs warm_up had compiled
+        run once on all-padding batches: the probe that the device works (raises if it does not),
+        and steady serving still never compiles. Seconds taken."""
+        started = time.perf_counter()
+        self.kv_cache = None  # drop the old buffers before allocating the new ones
+        self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
+        self._jitted_step = self._jit_step()
+        for bucket, adjust in self._warmed or [(self.token_buckets[0], False)]:
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust))
         return time.perf_counter() - started
 
     def run(self, out: SchedulerOutput) -> StepResult:
@@ -143,7 +178,10 @@ class Runner:
             query_start[row + 1] = at
             logits_indices[row] = at - 1
             p = seq.request.params
-            temperature[row], top_p[row], top_k[row], min_p[row] = p.temperature, p.top_p, p.top_k, p.min_p
+            # Values were checked to fit (runtime/request.py); a tiny top_p would round to 0 in
+            # float32 and keep no token, so it is raised to the least that still keeps the top one.
+            temperature[row] = 0.0 if p.greedy else p.temperature
+            top_p[row], top_k[row], min_p[row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
             seeds[row], sample_pos[row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
         # numpy arrays go straight into the jitted call, which copies them to the device.

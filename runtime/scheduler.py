@@ -73,14 +73,21 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.extend(request.sequences)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         for seq in request.sequences:
             if not seq.is_finished:
-                self._finish(seq, FinishReason.ABORT)
+                self._finish(seq, reason)
         return request
+
+    def requeue_running(self) -> int:
+        """Preempt every running sequence (recomputed later); the KV cache is being replaced."""
+        running = list(self.running)
+        for seq in running:
+            self._preempt(seq)
+        return len(running)
 
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         """End a sequence from outside (a stop string found in its text)."""
@@ -139,7 +146,7 @@ class Scheduler:
         candidates = [s for s in self.running if s.seq_id not in exclude]
         return max(candidates, key=lambda s: s.priority_key) if candidates else None
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput | None = None) -> None:
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
@@ -147,7 +154,8 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.waiting.append(seq)
-        out.preempted.append(seq)
+        if out is not None:
+            out.preempted.append(seq)
 
     def _prefill_share(self, budget: int, prefilling: list[Sequence]) -> int:
         tenants = {s.request.tenant for s in prefilling}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import anyio
@@ -18,6 +19,7 @@ from runtime.async_engine import AsyncEngine
 from serving.auth.access import Access, build_access
 from serving.auth.guard import AccessMiddleware, authorize, needs
 from serving.auth.principal import PUBLIC
+from serving.body import BodyRequest
 from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
 from serving.forwarded import ForwardedHeadersMiddleware
@@ -58,6 +60,7 @@ class TesseraPlugin(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         self._configure_routes(app_config)
+        self._configure_bodies(app_config)
         self._configure_access(app_config)
         self._configure_openapi(app_config)
         self._configure_errors(app_config)
@@ -75,6 +78,10 @@ class TesseraPlugin(InitPluginProtocol):
                                                          trusted=server.config.trusted_proxies))
         app_config.middleware.append(DefineMiddleware(RequestMiddleware, server=server))
         app_config.state["server"] = server
+
+    def _configure_bodies(self, app_config: AppConfig) -> None:
+        """Every handler's `data` through serving/body.py: JSON only, bounded, strictly typed."""
+        app_config.request_class = BodyRequest
 
     def _configure_access(self, app_config: AppConfig) -> None:
         """The guard checks every route's declared scope; the middleware adds rate-limit headers
@@ -98,7 +105,14 @@ class TesseraPlugin(InitPluginProtocol):
         app_config.on_shutdown.append(self._stop)
 
     async def _start(self) -> None:
+        # What start-up made (modules, the model's structures) lives as long as the process:
+        # frozen, it is left out of the full collections that stop every request, which walked
+        # it for 0.1-0.3 s at a time here (measured beside the 4 MiB prompt test).
+        gc.collect()
+        gc.freeze()
         self.server.engine.start()
+        if self.server.owns_engine:  # `tessera serve`: the tokenizer workers spawn now, not on the first request
+            self.server.tokenizer_pool.start()
         audit_event("model.load", "success", actor="system", object=f"model:{self.server.model_name}")
 
     async def _stop(self) -> None:

@@ -46,6 +46,8 @@ class ServerConfig:
     kv_cache_memory_gib: float = _setting(2.0, "memory for the KV cache, GiB (ignored when num_blocks is set)")
     num_blocks: int | None = _setting(None, "KV cache pages; default: as many as kv_cache_memory_gib holds")
     enable_prefix_caching: bool = _setting(True, "reuse KV pages of prompt prefixes seen before")
+    max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
+                                          "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
@@ -53,6 +55,17 @@ class ServerConfig:
     max_queue: int = _setting(64, "requests that may wait beyond max_num_seqs running ones; more get 429")
     drain_timeout_s: float = _setting(30.0, "on SIGTERM, seconds to let in-flight requests finish")
     max_body_bytes: int = _setting(4 * 2**20, "largest request body accepted, bytes; larger gets 413")
+    max_prompt_bytes: int = _setting(2 * 2**20, "largest prompt text of one request, UTF-8 bytes (all its prompts, "
+                                                "or its messages' text); larger gets 400 before tokenizing")
+    max_prompt_tokens: int | None = _setting(None, "largest prompt of one request, tokens (also for /tokenize); "
+                                                   "default: only the model's context limits generation")
+    tokenizer_workers: int | None = _setting(None, "processes that tokenize and render chat templates off the "
+                                                   "event loop; default: one per CPU core")
+    # -- slow clients (a connection that sends too slowly is closed; 408 when it is mid-request) ------
+    header_timeout_s: float = _setting(10.0, "seconds a client has to send a request's headers, from its first byte")
+    body_timeout_s: float = _setting(60.0, "seconds a client has to send a request's body, after its headers")
+    idle_timeout_s: float = _setting(5.0, "seconds an idle connection stays open, before its first request and "
+                                          "between keep-alive requests")
     # -- logs, traces, debug ------------------------------------------------------------------
     log_level: str = _setting("info", "log level: debug, info, warning or error")
     log_json: bool = _setting(True, "write logs as JSON lines")
@@ -113,6 +126,14 @@ class ServerConfig:
         _require(self.max_queue >= 0, "max_queue", self.max_queue, "must be >= 0")
         _require(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "must be >= 1024")
+        _require(self.max_prompt_bytes >= 1, "max_prompt_bytes", self.max_prompt_bytes, "must be >= 1")
+        _require(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
+                 self.max_prompt_tokens, "must be >= 1")
+        _require(self.tokenizer_workers is None or self.tokenizer_workers >= 1, "tokenizer_workers",
+                 self.tokenizer_workers, "must be >= 1")
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        _require(self.max_kv_events >= 0, "max_kv_events", self.max_kv_events, "must be >= 0")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")
@@ -174,6 +195,7 @@ class ServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            max_kv_events=self.max_kv_events,
             token_buckets=buckets,
             attention_backend=self.attention,
         )

@@ -22,7 +22,9 @@ _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -48,6 +50,21 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+class ClientDisconnected(APIError):
+    """The client left before its response was ready (499, nginx's word for it): logged, never a 5xx."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+def invalid_json(detail: str) -> APIError:
+    return bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def invalid_utf8(exc: UnicodeDecodeError) -> APIError:
+    return bad_request(f"the request body is not valid UTF-8: {exc.reason} at byte {exc.start}", code="invalid_utf8")
 
 
 _FIELD_AT_START = re.compile(r"^([a-z_]+)=")
@@ -100,8 +117,8 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as bad:
-                return _invalid_utf8(request, bad)
-        return bad_request(f"the request body is not valid JSON: {exc.detail}", code="invalid_json").to_response()
+                return invalid_utf8(bad).to_response()
+        return invalid_json(exc.detail).to_response()
     message = {
         404: "no such route",
         413: "the request body is larger than the server's limit",
@@ -112,8 +129,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def _invalid_utf8(_: Request, exc: UnicodeDecodeError) -> Response:
-    return bad_request(f"the request body is not valid UTF-8: {exc.reason} at byte {exc.start}",
-                       code="invalid_utf8").to_response()
+    return invalid_utf8(exc).to_response()
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:

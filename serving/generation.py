@@ -14,10 +14,10 @@ from typing import TypeVar
 
 from litestar import Request
 
-from runtime.async_engine import EngineDeadError
+from runtime.async_engine import EngineDeadError, EngineStepError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import SamplingParams
-from serving.errors import APIError, from_engine_error
+from serving.errors import APIError, ClientDisconnected, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
 from serving.state import ServerState
@@ -29,13 +29,6 @@ _END = object()
 
 def sse_event(payload) -> bytes:
     return b"data: " + encode_json(payload) + b"\n\n"
-
-
-class ClientDisconnected(APIError):
-    """The client left before its response was ready (499, nginx's word for it)."""
-
-    def __init__(self):
-        super().__init__(499, "the client closed the connection", code="client_closed_request")
 
 
 @dataclass
@@ -87,7 +80,7 @@ class Generation:
             async for prompt_index, output in source:
                 self.record.note_tokens(sum(len(o.token_ids) for o in output.outputs))
                 if prompt_index == 0:  # the logs and /debug keep the first choice's text
-                    self.record.completion_parts += [o.text for o in output.outputs if o.index == 0]
+                    self.record.add_completion_text([o.text for o in output.outputs if o.index == 0])
                 self.record.finish_reasons += [o.finish_reason for o in output.outputs if o.finish_reason]
                 if output.finished:
                     self.num_cached_tokens += output.num_cached_tokens
@@ -97,6 +90,10 @@ class Generation:
                 yield prompt_index, output
         except ValueError as e:
             raise from_engine_error(e) from None
+        except EngineStepError as e:
+            # The engine failed this request (and its step's others) and carries on; no retry, as
+            # the same input could fail again. The id finds the engine's log and audit lines.
+            raise APIError(500, f"{e}; request id {self.record.request_id}", code="engine_error") from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine has stopped: {e}", code="engine_dead") from None
         finally:

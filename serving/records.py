@@ -10,6 +10,7 @@ from typing import Any
 from serving.protocol.admin import RequestTimings
 
 MAX_TOKEN_TIMES = 512
+MAX_TEXT_CHARS = 4096  # of a prompt or completion, kept for logs and /debug (with prompt logging on)
 
 
 @dataclass
@@ -32,8 +33,9 @@ class RequestRecord:
     finish_reasons: list[str | None] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # seconds after arrival, per output step
     end_mono: float | None = None
-    prompt_text: str | None = None
-    completion_parts: list[str] = field(default_factory=list)
+    prompt_text: str | None = None  # clipped to MAX_TEXT_CHARS (set_prompt_text)
+    completion_parts: list[str] = field(default_factory=list)  # at most MAX_TEXT_CHARS (add_completion_text)
+    completion_chars: int = 0
     engine_timings: list[Any] = field(default_factory=list)  # runtime RequestTimings of each prompt
     disconnected: bool = False
     ticket: Any = None  # the admission ticket, released when the response is complete
@@ -42,6 +44,17 @@ class RequestRecord:
         if self.ticket is not None:
             self.ticket.release()
             self.ticket = None
+
+    def set_prompt_text(self, text: str | None) -> None:
+        self.prompt_text = None if text is None else clip(text)
+
+    def add_completion_text(self, parts: list[str]) -> None:
+        """Keep the first MAX_TEXT_CHARS of the completion, and count the rest."""
+        for part in parts:
+            room = MAX_TEXT_CHARS - self.completion_chars  # what is kept so far is all that came, up to the cap
+            if room > 0:
+                self.completion_parts.append(part[:room])
+            self.completion_chars += len(part)
 
     def note_tokens(self, count: int) -> None:
         self.completion_tokens += count
@@ -62,7 +75,10 @@ class RequestRecord:
 
     @property
     def completion_text(self) -> str | None:
-        return "".join(self.completion_parts) if self.completion_parts else None
+        if not self.completion_parts:
+            return None
+        kept = "".join(self.completion_parts)
+        return kept + _more(self.completion_chars - len(kept))
 
     def timings(self, with_text: bool) -> RequestTimings:
         gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
@@ -95,3 +111,13 @@ class RecentRequests:
     def mean_e2e_s(self, last: int = 32) -> float | None:
         times = [t.e2e_s for t in list(self._ring)[-last:] if t.e2e_s is not None and t.status == 200]
         return sum(times) / len(times) if times else None
+
+
+def clip(text: str) -> str:
+    """The first MAX_TEXT_CHARS of `text`, saying how much was left out: a record's size does not
+    grow with a request's."""
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + _more(len(text) - MAX_TEXT_CHARS)
+
+
+def _more(chars: int) -> str:
+    return f"... [{chars} more characters]" if chars > 0 else ""

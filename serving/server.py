@@ -18,6 +18,7 @@ from runtime.async_engine import AsyncEngine
 from serving import observability
 from serving.auth.access import configure_audit_sinks
 from serving.config import ServerConfig
+from serving.http_timeouts import timed_h11_protocol
 from serving.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,12 @@ def make_server(app, state: ServerState, host: str, port: int, log_level: str = 
     # (a drain that timed out) gets a second, then is cancelled, which aborts it in the engine.
     # proxy_headers=False: X-Forwarded-* is the app's ForwardedHeadersMiddleware's (--trusted-proxies),
     # one rule; uvicorn's own would also believe 127.0.0.1.
+    # Slow clients: header and body timers in the protocol, the idle one is uvicorn's keep-alive.
+    settings = state.config
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=1, lifespan="on", log_config=None, proxy_headers=False)
+                            timeout_graceful_shutdown=1, lifespan="on", log_config=None, proxy_headers=False,
+                            http=timed_h11_protocol(settings.header_timeout_s, settings.body_timeout_s),
+                            timeout_keep_alive=settings.idle_timeout_s)
     return DrainingServer(config, state)
 
 

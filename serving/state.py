@@ -12,6 +12,7 @@ from serving.admission import Admission
 from serving.config import ServerConfig
 from serving.errors import APIError
 from serving.records import RecentRequests
+from serving.tokenizer_pool import TokenizerPool
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.engine.engine.tokenizer
+
+    @property
+    def tokenizer_pool(self) -> TokenizerPool:
+        """Worker processes for tokenizing and templating (started on first use; one per tokenizer)."""
+        return TokenizerPool.shared(self.tokenizer, self.config.tokenizer_workers)
 
     @property
     def sampling_defaults(self) -> dict:

@@ -6,6 +6,8 @@ import tempfile
 # Eight CPU devices for the sharding tests; must be set before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The engine's fault injection (runtime/faults.py) is for tests only: on for this process.
+os.environ.setdefault("TESSERA_FAULT_INJECTION", "1")
 # The CLI turns on jax's persistent compilation cache; keep the tests' cache out of $HOME.
 if "TESSERA_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["TESSERA_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-xla-")

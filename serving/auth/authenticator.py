@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
 
@@ -12,6 +13,7 @@ from serving.auth.oidc import IssuerUnavailable, TokenInvalid, TokenVerifier
 from serving.auth.principal import ADMIN, Principal
 
 BOOTSTRAP_KEY_ID = "bootstrap"
+log = logging.getLogger(__name__)
 
 
 class Unauthenticated(Exception):
@@ -55,6 +57,9 @@ class Authenticator:
                 raise Unauthenticated(str(e), code="invalid_token") from None
             except IssuerUnavailable as e:
                 raise CredentialsUnverifiable(str(e)) from None
+            except Exception:  # noqa: BLE001 - a token our parsing chokes on is still only a bad token
+                log.exception("token verification failed unexpectedly")
+                raise Unauthenticated("the bearer token is not valid", code="invalid_token") from None
         raise Unauthenticated("the API key is not valid")
 
     async def _api_key(self, key: str) -> Principal:

@@ -59,10 +59,9 @@ async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> No
                  source=connection.client.host if connection.client else None, object=connection.url.path)
     try:
         principal = await access.authenticate(connection.headers.get("authorization"))
-    except APIError as e:
-        if e.status == 401:
-            key_id = _presented_key_id(connection.headers.get("authorization"))
-            audit_event("auth.failure", "failure", key_id=key_id, reason=e.code, method=connection.method, **where)
+    except APIError as e:  # 401, or 503 when the store or issuer cannot be reached: both audited
+        key_id = _presented_key_id(connection.headers.get("authorization"))
+        audit_event("auth.failure", "failure", key_id=key_id, reason=e.code, method=connection.method, **where)
         raise
     state[PRINCIPAL_KEY] = principal
     if record is not None:

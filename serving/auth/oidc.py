@@ -6,6 +6,10 @@ fetched again when a token names a key id (`kid`) the cache lacks (key rotation)
 once per `min_refresh_s` so that tokens with made-up key ids cannot hammer the issuer.
 `iss`, `aud`, `exp` and `nbf` are checked (with `leeway_s` of clock skew); a workload
 policy wants its audience exactly (`aud` is that one value and nothing else).
+
+Everything in a token is the caller's: any header or claim may have any JSON type, size or
+nesting, signed or not. Whatever does not parse as expected is `TokenInvalid` (a 401), never
+another exception; values shown back in messages are cut short.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jwt
 from serving.auth.principal import Principal, parse_scopes
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+MAX_NAME_CHARS = 256  # a tenant or subject: it names buckets, log lines and metrics
 
 
 class TokenInvalid(Exception):
@@ -138,15 +143,18 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
+        except Exception:  # noqa: BLE001 - pyjwt's errors, and json's on absurd nesting (RecursionError)
             raise TokenInvalid("the bearer token is not a well-formed JWT") from None
-        if header.get("alg") not in ALGORITHMS:
-            raise TokenInvalid(f"the token's algorithm {header.get('alg')!r} is not accepted")
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in ALGORITHMS:
+            raise TokenInvalid(f"the token's algorithm {_shown(alg)} is not accepted")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenInvalid("the token's key id (kid) is not a string")
         policy = self._policy(unverified)
-        key = await self.issuers[policy.issuer.rstrip("/")].key(header.get("kid"))
+        key = await self.issuers[policy.issuer.rstrip("/")].key(kid)
         try:
             claims = jwt.decode(
-                token, key, algorithms=[header["alg"]], audience=policy.audience, issuer=unverified.get("iss"),
+                token, key, algorithms=[alg], audience=policy.audience, issuer=unverified["iss"],
                 leeway=policy.leeway_s, options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
@@ -158,14 +166,18 @@ class TokenVerifier:
         except jwt.InvalidSignatureError:
             raise TokenInvalid("the bearer token's signature does not verify") from None
         except jwt.PyJWTError as e:
-            raise TokenInvalid(f"the bearer token is not valid: {e}") from None
+            raise TokenInvalid(f"the bearer token is not valid: {_shown(str(e))}") from None
+        except Exception as e:  # noqa: BLE001 - e.g. OverflowError for "exp": Infinity
+            raise TokenInvalid(f"the bearer token is not valid ({type(e).__name__} in its claims)") from None
         return self._principal(policy, claims)
 
     def _policy(self, claims: dict[str, Any]) -> TokenPolicy:
-        issuer = str(claims.get("iss", "")).rstrip("/")
-        candidates = [p for p in self.policies if p.issuer.rstrip("/") == issuer]
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            raise TokenInvalid("the bearer token has no issuer (iss) string")
+        candidates = [p for p in self.policies if p.issuer.rstrip("/") == iss.rstrip("/")]
         if not candidates:
-            raise TokenInvalid(f"tokens from issuer {claims.get('iss')!r} are not accepted")
+            raise TokenInvalid(f"tokens from issuer {_shown(iss)} are not accepted")
         audiences = _audiences(claims)
         for policy in candidates:  # an exact (workload) match first, then any that holds the audience
             if policy.exact_audience and audiences == [policy.audience]:
@@ -174,7 +186,7 @@ class TokenVerifier:
             if not policy.exact_audience and policy.audience in audiences:
                 return policy
         wanted = " or ".join(repr(p.audience) for p in candidates)
-        raise TokenInvalid(f"the bearer token's audience {audiences} is not {wanted}")
+        raise TokenInvalid(f"the bearer token's audience {_shown(audiences)} is not {wanted}")
 
     def _principal(self, policy: TokenPolicy, claims: dict[str, Any]) -> Principal:
         tenant = claim(claims, policy.tenant_claim)
@@ -182,17 +194,32 @@ class TokenVerifier:
             tenant = policy.default_tenant
         if not isinstance(tenant, str) or not tenant:
             raise TokenInvalid(f"the bearer token has no tenant (claim {policy.tenant_claim!r})")
+        subject = claims.get("sub", "unknown")
+        if not isinstance(subject, str) or not subject:
+            raise TokenInvalid("the bearer token's subject (sub) is not a string")
+        if len(tenant) > MAX_NAME_CHARS or len(subject) > MAX_NAME_CHARS:
+            raise TokenInvalid(f"the bearer token's tenant or subject is longer than {MAX_NAME_CHARS} characters")
         if policy.fixed_scopes is not None:
             scopes = policy.fixed_scopes
         else:
             raw = claim(claims, policy.scopes_claim)
             scopes = parse_scopes(raw if isinstance(raw, (str, list)) else "", strict=False)
-        return Principal(subject=str(claims.get("sub", "unknown")), tenant=tenant, scopes=scopes, kind=policy.kind)
+        return Principal(subject=subject, tenant=tenant, scopes=scopes, kind=policy.kind)
 
 
 def _audiences(claims: dict[str, Any]) -> list[str]:
     aud = claims.get("aud")
-    return [aud] if isinstance(aud, str) else [str(a) for a in aud or []]
+    if isinstance(aud, str):
+        return [aud]
+    if isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        return aud
+    raise TokenInvalid("the bearer token's audience (aud) must be a string or a list of strings")
+
+
+def _shown(value: Any) -> str:
+    """A caller's value in a message, cut short (a claim may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def claim(claims: dict[str, Any], path: str) -> Any:

@@ -39,7 +39,10 @@ def parse_scopes(text: str | list[str] | tuple[str, ...], *, strict: bool = True
     """`generate,read` or `generate read` or a list -> scopes; unknown names are an error when strict
     (a key's scopes) and ignored otherwise (a token's `scope` claim holds `openid` and the like)."""
     items = text.replace(",", " ").split() if isinstance(text, str) else list(text)
-    unknown = sorted(set(items) - set(SCOPES))
+    if strict and not all(isinstance(s, str) for s in items):
+        raise ValueError("scopes must be strings")
+    names = [s for s in items if isinstance(s, str)]  # a token's claim may hold anything: only names count
+    unknown = sorted(set(names) - set(SCOPES))
     if strict and unknown:
         raise ValueError(f"unknown scopes {unknown}; scopes are {', '.join(SCOPES)}")
-    return frozenset(s for s in items if s in SCOPES)
+    return frozenset(s for s in names if s in SCOPES)

@@ -53,8 +53,9 @@ class DetokenizeResponse(Struct):
     prompt: str
 
 
-class HealthResponse(Struct):
+class HealthResponse(Struct, omit_defaults=True):
     status: str
+    reason: str | None = None
 
 
 class ReadyResponse(Struct):

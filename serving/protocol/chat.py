@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_LOGPROBS, SamplingFields, Usage
+from serving.protocol.common import MAX_LOGPROBS, PositiveInt, SamplingFields, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -27,9 +27,9 @@ class ChatMessage(Struct, kw_only=True):
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: PositiveInt | None = None
     """Deprecated by OpenAI in favour of max_completion_tokens; default: the rest of the context."""
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     """Alternatives per token; needs logprobs=true."""

@@ -9,8 +9,21 @@ from msgspec import Meta, Struct
 
 MAX_LOGPROBS = 20  # the engine's top-N limit (runtime.request.MAX_LOGPROBS)
 MAX_N = 16  # runtime.request.MAX_N
+MAX_STOP_STRINGS = 16  # runtime.request.MAX_STOP_STRINGS
+MAX_STOP_CHARS = 1024  # text this long is held back from a stream until it is known not to be a stop
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TEXT_FIELD = 1024  # `user`, `cache_salt`: names, not content
+MAX_TEMPERATURE = 100.0  # beyond it the distribution is flat to float32's precision anyway
+INT32_MAX = 2**31 - 1  # the engine's arrays hold counts and ids as int32
+MIN_REPETITION_PENALTY = 0.01  # runtime.request.MIN_REPETITION_PENALTY
 
-NonNegativeInt = Annotated[int, Meta(ge=0)]
+# Every field is bounded here, at the API edge, so a value the engine's arrays cannot hold is a
+# 400 naming the field; the engine checks again per request (runtime/request.py).
+NonNegativeInt = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+PositiveInt = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
+ShortText = Annotated[str, Meta(max_length=MAX_TEXT_FIELD)]
 
 
 class ErrorDetail(Struct):
@@ -47,34 +60,34 @@ class StreamOptions(Struct, kw_only=True):
 class SamplingFields(Struct, kw_only=True):
     """Fields common to /v1/completions and /v1/chat/completions: OpenAI's, then vLLM's extras."""
 
-    model: str | None = None
+    model: ShortText | None = None
     """The served model's name; optional, as in vLLM."""
     n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
-    temperature: Annotated[float, Meta(ge=0)] | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    """Taken modulo 2**32."""
+    temperature: Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    """An int64 (OpenAI's type), taken modulo 2**32."""
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    user: ShortText | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0
     logit_bias: dict[str, float] | None = None
     """Not supported: a non-empty map is refused."""
     # vLLM's extra sampling fields, sent by vLLM clients and benchmarks.
-    top_k: int | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
     """0 or -1 disables it."""
-    min_p: float | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     min_tokens: NonNegativeInt = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Annotated[int, Meta(ge=-INT32_MAX - 1, le=INT32_MAX)] = 0
     """Lower runs first."""
-    cache_salt: str | None = None
+    cache_salt: ShortText | None = None
     """Keeps this request's prefix-cache entries apart from other salts."""
 
 

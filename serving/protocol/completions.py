@@ -6,20 +6,20 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_LOGPROBS, SamplingFields, Usage
+from serving.protocol.common import MAX_LOGPROBS, INT32_MAX, PositiveInt, SamplingFields, Usage
 
 Prompt = str | list[str | int | list[int]]
-"""Text, token ids, a list of texts or a list of token-id lists."""
+"""Text, token ids, a list of texts or a list of token-id lists (ids are checked against the vocabulary)."""
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: Prompt
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: PositiveInt | None = None
     """Default 16, as OpenAI's."""
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     """Log probabilities of the chosen token and this many alternatives."""
     echo: bool = False
-    best_of: int | None = None
+    best_of: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
     """Only equal to n (or unset) is accepted."""
     suffix: str | None = None
     """Not supported."""

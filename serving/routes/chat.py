@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 from litestar import Controller, Request, Response, post
 
-from models.chat_template import ChatTemplateError
 from runtime.outputs import TokenLogprob
 from serving.errors import APIError, bad_request
 from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
 from serving.generation import Generation, sse_event
+from serving.prompts import render_chat
 from serving.protocol.chat import (
     ChatChoice,
     ChatChunkChoice,
@@ -48,8 +48,7 @@ class ChatController(Controller):
             guard.refuse_logprobs(bool(data.logprobs))
             plain = await guard.check_messages(plain)  # before the template and the tokenizer
         with tokenize_stage(request):
-            text = render_plain(server, plain, data.add_generation_prompt, data.chat_template_kwargs)
-            ids = server.tokenizer.encode(text, add_special_tokens=False)
+            text, ids = await render_chat(server, plain, data.add_generation_prompt, data.chat_template_kwargs)
         requested = data.max_completion_tokens or data.max_tokens
         max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
         top = (data.top_logprobs or 0) if data.logprobs else None
@@ -108,25 +107,8 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
         yield sse_event(ChatCompletionChunk(response_id, created, model, [], generation.usage()))
 
 
-def render_chat(server: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
-                template_kwargs: dict | None) -> str:
-    """The prompt text from the model's chat template; ill-formed messages are a 400 naming the message."""
-    return render_plain(server, plain_messages(messages), add_generation_prompt, template_kwargs)
-
-
 def plain_messages(messages: list[ChatMessage]) -> list[dict]:
     return [_plain_message(i, m) for i, m in enumerate(messages)]
-
-
-def render_plain(server: ServerState, plain: list[dict], add_generation_prompt: bool,
-                 template_kwargs: dict | None) -> str:
-    try:
-        return server.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
-                                                    **(template_kwargs or {}))
-    except ChatTemplateError as e:
-        raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
-    except TypeError as e:  # a template kwarg that collides with the template's own arguments
-        raise bad_request(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
 
 
 def _plain_message(index: int, message: ChatMessage) -> dict:

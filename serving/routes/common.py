@@ -40,8 +40,9 @@ def start_generation(server: ServerState, request: Request, data: SamplingFields
     record = request_record(request.scope)
     record.model, record.user = server.model_name, data.user
     record.prompt_tokens = sum(len(p) for p in prompts)
-    record.prompt_text = prompt_text
-    fields = engine_fields(data) | {"tenant": record.tenant}  # the caller's tenant, set by the auth guard
+    record.set_prompt_text(prompt_text)
+    # The caller's tenant (set by the auth guard); the HTTP request id names it in engine logs and audit lines.
+    fields = engine_fields(data) | {"tenant": record.tenant, "trace_id": record.request_id}
     generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields)
     generation.check(prompt_param)
     record.ticket = server.admission.acquire()

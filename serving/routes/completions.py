@@ -10,8 +10,9 @@ from litestar import Controller, Request, Response, post
 from runtime.outputs import TokenLogprob
 from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
-from serving.errors import bad_request
+from serving.errors import APIError, bad_request
 from serving.generation import Generation, sse_event
+from serving.prompts import check_prompt_bytes, checked_ids, decode, encode_text
 from serving.protocol.completions import (
     CompletionChoice,
     CompletionChunk,
@@ -44,7 +45,7 @@ class CompletionsController(Controller):
             guard.refuse_logprobs(data.logprobs is not None)
             items = await _checked_items(server, guard, items, several=not _single_prompt(data.prompt))
         with tokenize_stage(request):
-            prompts, texts = _encode(server, items)
+            prompts, texts = await _encode(server, items, several=not _single_prompt(data.prompt))
         params = sampling_params(data, max_tokens=data.max_tokens or DEFAULT_MAX_TOKENS, logprobs=data.logprobs,
                                  defaults=server.sampling_defaults)
         generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts))
@@ -144,23 +145,34 @@ async def _checked_items(server: ServerState, guard: RequestGuard, items: list[s
     checked: list[str | list[int]] = []
     for i, item in enumerate(items):
         param = f"prompt[{i}]" if several else "prompt"
-        text = item if isinstance(item, str) else _decode(server, item)
+        text = item if isinstance(item, str) else await _decode(server, item)
         new_text = await guard.check_prompt(text, param)
         checked.append(item if new_text == text else new_text)
     return checked
 
 
-def _encode(server: ServerState, items: list[str | list[int]]) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt."""
-    tokenizer = server.tokenizer
-    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
-    texts = [p if isinstance(p, str) else _decode(server, p) for p in items]
+async def _encode(server: ServerState, items: list[str | list[int]],
+                  several: bool) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt, off the event loop and within the prompt limits."""
+    check_prompt_bytes(server, [p for p in items if isinstance(p, str)], "prompt")
+    ids, texts = [], []
+    for i, p in enumerate(items):
+        param = f"prompt[{i}]" if several else "prompt"
+        if isinstance(p, str):
+            ids.append(await encode_text(server, p, param))
+            texts.append(p)
+        else:
+            ids.append(await checked_ids(server, p, param))
+            texts.append(await _decode(server, p))
     return ids, texts
 
 
-def _decode(server: ServerState, ids: list[int]) -> str:
+async def _decode(server: ServerState, ids: list[int]) -> str:
+    vocab = server.tokenizer.vocab_size
     try:
-        return server.tokenizer.decode([t for t in ids if isinstance(t, int) and t >= 0])
+        return await decode(server, [t for t in ids if 0 <= t < vocab])
+    except APIError:
+        raise
     except Exception:  # noqa: BLE001 - ids outside the vocabulary are refused by the engine's check
         return ""
 

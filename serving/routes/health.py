@@ -18,9 +18,14 @@ class HealthController(Controller):
     path = "/"
     tags = ["Operations"]
 
-    @get("/health", operation_id="health", opt=needs(PUBLIC), summary="The process is alive (liveness)")
-    async def health(self) -> HealthResponse:
-        return HealthResponse("ok")
+    @get("/health", operation_id="health", opt=needs(PUBLIC), summary="The process is alive (liveness)",
+         responses={503: ResponseSpec(HealthResponse, description="The engine failed for good: restart the process")})
+    async def health(self, server: ServerState) -> Response[HealthResponse]:
+        # Liveness: only an engine that could not recover from a fault fails it, so that the
+        # orchestrator restarts the process (draining and a not-yet-started loop do not).
+        if server.engine.error is not None:
+            return Response(HealthResponse("engine failed", reason=f"{server.engine.error!r}"), status_code=503)
+        return Response(HealthResponse("ok"))
 
     @get("/ready", operation_id="ready", opt=needs(PUBLIC), summary="The model is loaded, the engine loop runs, intake is open",
          responses={503: ResponseSpec(ReadyResponse, description="Not ready")})

@@ -8,7 +8,8 @@ from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
 from serving.errors import bad_request
 from serving.protocol.admin import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from serving.routes.chat import render_chat
+from serving.prompts import decode, encode_text, render_chat, token_texts
+from serving.routes.chat import plain_messages
 from serving.routes.common import ERROR_RESPONSES
 from serving.state import ServerState
 
@@ -27,11 +28,11 @@ class TokenizeController(Controller):
         if data.messages is not None:
             if not data.messages:
                 raise bad_request("messages must not be empty", "messages")
-            text = render_chat(server, data.messages, data.add_generation_prompt, data.chat_template_kwargs)
-            ids = server.tokenizer.encode(text, add_special_tokens=False)
+            _, ids = await render_chat(server, plain_messages(data.messages), data.add_generation_prompt,
+                                       data.chat_template_kwargs)
         else:
-            ids = server.tokenizer.encode(data.prompt, add_special_tokens=data.add_special_tokens)
-        strs = [server.token_text(t) for t in ids] if data.return_token_strs else None
+            ids = await encode_text(server, data.prompt, "prompt", add_special_tokens=data.add_special_tokens)
+        strs = await token_texts(server, ids) if data.return_token_strs else None
         return TokenizeResponse(len(ids), server.max_model_len, ids, strs)
 
     @post("/detokenize", operation_id="detokenize", status_code=200, responses=ERROR_RESPONSES,
@@ -42,4 +43,4 @@ class TokenizeController(Controller):
         bad = [t for t in data.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"tokens {bad[:8]} are outside the vocabulary [0, {vocab})", "tokens")
-        return DetokenizeResponse(server.tokenizer.decode(data.tokens))
+        return DetokenizeResponse(await decode(server, data.tokens))

@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import logging
+import stat
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,24 @@ def test_log_file_rotates_at_the_size_limit(tmp_path, captured):
     assert ids == [f"rot-{i:03d}" for i in range(60 - len(ids), 60)]  # the newest lines, in order, none lost
     assert "Jane" not in "".join(Path(tmp_path / f).read_text() for f in files)
 
+
+
+def test_log_files_are_private_like_the_audit_file(tmp_path, captured):
+    """Logs name tenants, key ids and addresses: 0600 for the live file, the rotated ones, and a
+    file an older run left readable to others."""
+    old = tmp_path / "server.log"
+    old.write_text("")
+    old.chmod(0o644)
+    configure_logging(log_file=str(old), max_bytes=600, backup_count=1)
+    for i in range(10):
+        _access(f"mode-{i}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.log", "server.log.1"]
+    assert [stat.S_IMODE(p.stat().st_mode) for p in sorted(tmp_path.iterdir())] == [0o600, 0o600]
+    fresh = tmp_path / "new" / "fresh.log"
+    fresh.parent.mkdir()
+    configure_logging(log_file=str(fresh))
+    _access("mode-fresh")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
 
 def test_reset_restores_the_root_logger(captured):
     root = logging.getLogger()

@@ -475,3 +475,22 @@ def test_disabled_prefix_caching_gives_no_hits_and_no_events():
     filler = make_seq(range(6))
     assert bm.allocate(filler, 6)
     assert bm.take_events() == []
+
+
+def test_events_nobody_takes_are_a_ring_of_the_newest():
+    """With prefix caching on and no consumer, events were appended forever (the issue's leak:
+    33,132 after ~3,000 requests). Now the newest `max_events` stay and the rest are counted."""
+    bm = BlockManager(num_blocks=4, block_size=4, max_events=5)
+    for i in range(10):  # each prompt stores one block and, once the pool is full, evicts one
+        seq = make_seq(range(100 * i, 100 * i + 4))
+        compute(bm, seq, 4)
+        bm.free(seq)
+    events = bm.take_events()
+    assert len(events) == 5 and bm.num_events_dropped == 10 + 6 - 5  # 10 stored, 6 evicted
+    assert [type(e).__name__ for e in events] == ["BlockStored"] + ["BlockRemoved", "BlockStored"] * 2
+    assert events[-1] == BlockStored((block_key(ROOT_KEY, list(range(900, 904)), "", "", ""),), ROOT_KEY,
+                                     tuple(range(900, 904)), 4)
+    assert bm.take_events() == []
+    silent = BlockManager(num_blocks=4, block_size=4, max_events=0)
+    compute(silent, make_seq(range(4)), 4)
+    assert silent.take_events() == [] and silent.num_events_dropped == 1

@@ -417,3 +417,17 @@ def test_duplicate_request_id_is_refused():
     sched.add_request(make_request("r", 3))
     with pytest.raises(ValueError, match="request_id='r' is already in use"):
         sched.add_request(make_request("r", 3))
+
+
+def test_requeue_running_preempts_every_running_sequence_and_frees_every_page():
+    """What the engine does when a fault took the KV cache: everything running is recomputed."""
+    sched = make_scheduler(num_blocks=16)
+    for name in ("a", "b"):
+        sched.add_request(make_request(name, 6))
+    run_step(sched)
+    assert [s.status for s in sched.running] == [SequenceStatus.RUNNING] * 2
+    assert sched.requeue_running() == 2
+    assert sched.running == [] and [s.status for s in sched.waiting] == [SequenceStatus.PREEMPTED] * 2
+    assert [s.num_computed_tokens for s in sched.waiting] == [0, 0] and sched.blocks.num_free_blocks == 16
+    assert sched.blocks.reset_prefix_cache()  # the engine forgets the lost pages' keys next: none is in use
+    assert chunks(run_step(sched)) == [("a", 0, 7), ("b", 0, 7)]  # prompt and sampled token, recomputed

@@ -22,6 +22,7 @@ from serving.auth.principal import Principal, parse_scopes
 from serving.config import ServerConfig
 from serving.ratelimit.buckets import Bucket, Decision, Limit, LimitPolicy, format_reset, parse_tenant_limits
 from serving.ratelimit.memory import MemoryRateLimiter
+from tests.helpers.fake_issuer import ISSUER, FakeIssuer
 
 
 def run(coro):
@@ -146,33 +147,6 @@ def test_claim_paths():
 
 
 # -- the JWKS cache and token policies, against a local issuer (httpx MockTransport) ---------------
-
-ISSUER = "https://issuer.test"
-
-
-class FakeIssuer:
-    def __init__(self):
-        self.keys = {"k1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
-        self.published = {"k1"}
-        self.jwks_requests = 0
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/.well-known/openid-configuration":
-            return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks"})
-        self.jwks_requests += 1
-        keys = []
-        for kid in sorted(self.published):
-            entry = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.keys[kid].public_key()))
-            keys.append(entry | {"kid": kid, "use": "sig", "alg": "RS256"})
-        return httpx.Response(200, json={"keys": keys})
-
-    def token(self, kid="k1", **claims) -> str:
-        now = int(time.time())
-        body = {"iss": ISSUER, "aud": "tessera", "sub": "svc", "tenant": "acme", "scope": "generate",
-                "iat": now, "exp": now + 300} | claims
-        return jwt.encode({k: v for k, v in body.items() if v is not None}, self.keys[kid], algorithm="RS256",
-                          headers={"kid": kid})
-
 
 def test_jwks_refetched_for_a_new_kid_but_not_for_every_unknown_one():
     issuer = FakeIssuer()
