@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.cpu_library import available
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
-from runtime.backend import resolve_attention_backend, runs_per_device
+from runtime.backend import runs_per_device
+from runtime.execution_plan import ExecutionPlan
 from runtime.request import Sequence
 from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
 from runtime.scheduler import SchedulerOutput
@@ -56,14 +56,11 @@ class StepResult:
 
 
 class Runner:
-    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...], attention_backend: str | None = None):
+    def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, token_buckets: tuple[int, ...]):
         self.model = model
-        self.attention_backend = resolve_attention_backend(
-            attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform,
-            tensor_parallel=model.mesh.size,
-        )
-        kernel_per_device = runs_per_device(self.attention_backend) and model.mesh.size > 1
+        self.attention_backend = plan.attention
+        kernel_per_device = runs_per_device(plan.attention) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -75,9 +72,7 @@ class Runner:
         # passes a flat list of arrays, and jit neither hashes the module graph nor walks the
         # NNX state each step (milliseconds of host time per step otherwise).
         self._state_leaves, state_def = jax.tree.flatten(model.state)
-        # Sampling's top logprobs and normaliser from the CPU kernel on one CPU device.
-        cpu_kernels = model.mesh.size == 1 and model.mesh.devices.flat[0].platform == "cpu" and available()
-        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def, summary_impl="cpu" if cpu_kernels else "xla"),
+        self._jitted_step = jax.jit(partial(_step, model.graphdef, state_def, summary_impl=plan.sampling),
                                     donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:
