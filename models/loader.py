@@ -5,6 +5,9 @@ of every tensor, shard files, safetensors headers against file sizes, and the to
 ids against the vocabulary. Each parameter is then built shard by shard with
 `jax.make_array_from_callback`, each device reading only its slice of the memory-mapped
 file, so no full host copy of the model is ever made.
+
+The weights arrive in the checkpoint layout (`models/projection.py`); `lay_out` then builds
+the layout an execution plan chose for one device (fused, packed, a tied head's copy).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from models.config import ModelConfig
 from models.kv_cache import KVCache, allocate_kv_cache
 from models.llama import CausalLM
 from models.orbax_store import restore_params, save_params
+from models.projection import CHECKPOINT_LAYOUT, WeightLayout
 from models.safetensors_io import INDEX_NAME, CheckpointError, MappedFiles, TensorInfo, index_checkpoint
 from models.sharding import KV_CACHE_AXES, ShardingRules, make_mesh
 from models.weight_map import WeightSource, ignorable, weight_source
@@ -43,6 +47,7 @@ class LoadedModel:
     mesh: Mesh
     rules: ShardingRules
     load_seconds: float = 0.0
+    layout: WeightLayout = CHECKPOINT_LAYOUT
 
     def kv_cache_sharding(self, num_pages: int, page_size: int) -> NamedSharding:
         shape = (num_pages, page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -111,6 +116,29 @@ def load_model(
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) in %.2fs", model_dir, cfg.architecture, seconds)
     return LoadedModel(cfg, graphdef, state, dtype, mesh, rules, seconds)
+
+
+def lay_out(model: LoadedModel, layout: WeightLayout) -> LoadedModel:
+    """`model`, loaded in the checkpoint layout, with its weights in `layout`: q/k/v and gate/up
+    side by side, every projection read by `layout.linear`'s products (packed for the packed
+    kernel), and a tied head copied as [embed, vocab] for the CPU kernels. The checkpoint's
+    arrays are freed with the model they came in, once the caller lets it go."""
+    if layout == model.layout:
+        return model
+    if model.layout != CHECKPOINT_LAYOUT or not layout.fused or model.mesh.size != 1:
+        raise ValueError(f"a model held as {model.layout} on {model.mesh.size} devices cannot be laid out as "
+                         f"{layout}; fused layouts are made from the checkpoint layout on one device")
+    module = nnx.merge(model.graphdef, model.state)
+    for layer in module.layers:
+        attn = layer.self_attn
+        attn.qkv = attn.qkv.fused(layout)
+        attn.o_proj = layout.projection(attn.o_proj.kn())
+        layer.mlp = layer.mlp.fused(layout)
+    if layout.linear != "xla":  # XLA reads a tied head from the embedding itself; the kernels want their own copy
+        module.lm_head = layout.projection(module.lm_head.kn())
+    graphdef, state = nnx.split(module)
+    jax.block_until_ready(jax.tree.leaves(state))
+    return dataclasses.replace(model, graphdef=graphdef, state=state, layout=layout)
 
 
 def _read_safetensors(

@@ -48,12 +48,12 @@ def _split_bias(heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]
 
 
 def weight_source(cfg: ModelConfig, path: Path) -> WeightSource:
-    """The HF tensor behind the parameter at `path` (an NNX state path)."""
+    """The HF tensor behind the parameter at `path` (an NNX state path of the checkpoint layout)."""
     e, m, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if path == ("embed_tokens",):
         return WeightSource("model.embed_tokens.weight", (v, e), _same)
-    if path == ("lm_head",):
+    if path == ("lm_head", "weight"):  # untied; a tied head is the embedding itself
         return WeightSource("lm_head.weight", (v, e), _transpose)
     if path == ("norm", "weight"):
         return WeightSource("model.norm.weight", (e,), _same)
@@ -64,19 +64,19 @@ def weight_source(cfg: ModelConfig, path: Path) -> WeightSource:
     table: dict[Path, tuple[str, tuple[int, ...], Callable]] = {
         ("input_layernorm", "weight"): ("input_layernorm.weight", (e,), _same),
         ("post_attention_layernorm", "weight"): ("post_attention_layernorm.weight", (e,), _same),
-        ("self_attn", "q_proj"): ("self_attn.q_proj.weight", (h * d, e), _split_out_heads(h, d)),
-        ("self_attn", "k_proj"): ("self_attn.k_proj.weight", (k * d, e), _split_out_heads(k, d)),
-        ("self_attn", "v_proj"): ("self_attn.v_proj.weight", (k * d, e), _split_out_heads(k, d)),
-        ("self_attn", "o_proj"): ("self_attn.o_proj.weight", (e, h * d), _split_in_heads(h, d)),
+        ("self_attn", "qkv", "q_proj", "weight"): ("self_attn.q_proj.weight", (h * d, e), _split_out_heads(h, d)),
+        ("self_attn", "qkv", "k_proj", "weight"): ("self_attn.k_proj.weight", (k * d, e), _split_out_heads(k, d)),
+        ("self_attn", "qkv", "v_proj", "weight"): ("self_attn.v_proj.weight", (k * d, e), _split_out_heads(k, d)),
+        ("self_attn", "o_proj", "weight"): ("self_attn.o_proj.weight", (e, h * d), _split_in_heads(h, d)),
         ("self_attn", "q_bias"): ("self_attn.q_proj.bias", (h * d,), _split_bias(h, d)),
         ("self_attn", "k_bias"): ("self_attn.k_proj.bias", (k * d,), _split_bias(k, d)),
         ("self_attn", "v_bias"): ("self_attn.v_proj.bias", (k * d,), _split_bias(k, d)),
         ("self_attn", "o_bias"): ("self_attn.o_proj.bias", (e,), _same),
         ("self_attn", "q_norm", "weight"): ("self_attn.q_norm.weight", (d,), _same),
         ("self_attn", "k_norm", "weight"): ("self_attn.k_norm.weight", (d,), _same),
-        ("mlp", "gate_proj"): ("mlp.gate_proj.weight", (m, e), _transpose),
-        ("mlp", "up_proj"): ("mlp.up_proj.weight", (m, e), _transpose),
-        ("mlp", "down_proj"): ("mlp.down_proj.weight", (e, m), _transpose),
+        ("mlp", "gate_proj", "weight"): ("mlp.gate_proj.weight", (m, e), _transpose),
+        ("mlp", "up_proj", "weight"): ("mlp.up_proj.weight", (m, e), _transpose),
+        ("mlp", "down_proj", "weight"): ("mlp.down_proj.weight", (e, m), _transpose),
         ("mlp", "gate_bias"): ("mlp.gate_proj.bias", (m,), _same),
         ("mlp", "up_bias"): ("mlp.up_proj.bias", (m,), _same),
         ("mlp", "down_bias"): ("mlp.down_proj.bias", (e,), _same),

@@ -81,6 +81,7 @@ class TesseraMetrics:
         *,
         cache_config: dict[str, str] | None = None,
         backend: str = "cpu",
+        execution_plan: dict[str, str] | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.model_name = model_name
@@ -138,11 +139,15 @@ class TesseraMetrics:
         self._backends: set[str] = set()
         self.set_backend(backend)
         if cache_config:
-            info = Gauge(
-                PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
-                ["model_name", *sorted(cache_config)], registry=r,
-            )
-            info.labels(model_name=model_name, **cache_config).set(1)
+            self._info("cache_config_info", "Information of the LLMEngine CacheConfig", cache_config)
+        if execution_plan:
+            self._info("execution_plan", "How the engine computes, chosen once at load: attention, weight products "
+                       "and their layout, dtype, sampling.", execution_plan)
+
+    def _info(self, name: str, doc: str, labels: dict[str, str]) -> None:
+        """A gauge at 1 whose labels carry the information (Prometheus' info pattern)."""
+        info = Gauge(PREFIX + name, doc, ["model_name", *sorted(labels)], registry=self.registry)
+        info.labels(model_name=self.model_name, **labels).set(1)
 
     # -- from the engine loop ----------------------------------------------------------------
 

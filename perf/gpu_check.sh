@@ -48,7 +48,7 @@ fi
 phase kernel 130 "$PY" perf/gpu_kernel_check.py --out "$OUT_DIR/kernel.json" "${KERNEL[@]}"
 if ! grep -q '"kernel_ok": true' "$OUT_DIR/kernel.json" 2>/dev/null; then
   echo "the kernel check failed: serving on the XLA reference attention instead" | tee -a "$LOG"
-  export TESSERA_ATTENTION=reference
+  SERVE+=(--attention reference)
 fi
 limits_tessera=(80 110); limits_hf=(60 70)
 for i in "${!SHAPES[@]}"; do

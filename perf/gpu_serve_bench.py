@@ -78,12 +78,12 @@ def bench_tessera(args, raw: dict) -> dict:
         max_num_seqs=args.concurrent, max_num_batched_tokens=args.long_prompt, max_model_len=4096,
         # Only the buckets these workloads reach: batch-1 decode, the batch's decode, whole 2k prefills.
         token_buckets=(1, args.concurrent, args.long_prompt), kv_cache_memory_bytes=int(args.kv_gib * 2**30),
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, attention_backend=args.attention,
     )
     engine = Engine(model, numbered_tokenizer(raw["vocab_size"]), config)
     warm_s = engine.runner.warm_up(adjust_variants=(False,))
     print(f"tessera {args.shape}: weights {param_bytes / 2**30:.2f} GiB made in {made_s:.1f}s, "
-          f"attention={engine.runner.attention_backend}, warm-up {warm_s:.1f}s", flush=True)
+          f"plan {engine.plan}, warm-up {warm_s:.1f}s", flush=True)
 
     run = functools.partial(step_marks, engine)
 
@@ -96,7 +96,7 @@ def bench_tessera(args, raw: dict) -> dict:
     decode_tps = (len(marks) - 1) / (marks[-1] - marks[0])
     marks = run(prompts(args.concurrent, PROMPT, 8, vocab), SamplingParams(max_tokens=args.new, **greedy))
     return dict(
-        system="tessera", attention=engine.runner.attention_backend, warm_up_s=warm_s,
+        system="tessera", attention=engine.plan.attention, plan=engine.plan.labels(), warm_up_s=warm_s,
         param_bytes=param_bytes, ttft_s=ttft, decode_tps=decode_tps,
         concurrent_tps=args.concurrent * args.new / marks[-1],
     )
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--concurrent", type=int, default=64)
     ap.add_argument("--kv-gib", type=float, default=4.0)
+    ap.add_argument("--attention", help="force an attention backend (as `tessera serve --attention`); default: by device")
     args = ap.parse_args()
     raw = SHAPES[args.shape]
     result = (bench_tessera if args.system == "tessera" else bench_transformers)(args, raw)

@@ -1,39 +1,41 @@
-"""Which attention implementation the engine runs, chosen and checked once at start-up.
+"""Which implementations the engine runs, chosen and checked once at start-up for the
+execution plan (`runtime/execution_plan.py`).
 
+Attention:
 - `pallas`: the Pallas kernel lowered through Triton, for CUDA GPUs (the default there);
 - `cpu`: the C++ kernel for CPUs (`kernels/cpu/`), compiled on first use with the machine's
   C++ compiler (the default on CPU when it builds; otherwise `reference`, with a warning);
 - `reference`: the pure-jnp reference, which XLA compiles for any device;
 - `pallas_interpret`: the kernel run by the Pallas interpreter on any device, for tests and
   debugging (slow).
-`TESSERA_ATTENTION` forces one. A choice that cannot run on this device or model fails here,
-with a message that says why, rather than at the first request.
+Weight products (`models/linear.py`): `packed` for a bfloat16 model on one CPU whose weights
+all pack, else `cpu` on one CPU, else `xla`.
+`EngineConfig.attention_backend` and `EngineConfig.linear` force a choice (the `--attention`
+and `--linear` flags); one that cannot run on this device or model fails here, with a message
+that says why, rather than at the first request.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
+import jax.numpy as jnp
 
 from kernels.ragged_paged_attention import UnsupportedAttentionShape, check_supported
 from kernels.ragged_paged_attention_cpu import available as cpu_kernel_available
 from models.config import ModelConfig
+from models.projection import LINEAR_IMPLS, packable
 
 ATTENTION_BACKENDS = ("pallas", "cpu", "reference", "pallas_interpret")
-ENV_VAR = "TESSERA_ATTENTION"
 
 
 class BackendError(ValueError):
-    """The requested attention backend cannot serve this model on this device."""
+    """A requested implementation (attention or weight products) cannot serve this model on this device."""
 
 
 def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype, page_size: int,
                               platform: str | None = None, tensor_parallel: int = 1) -> str:
-    choice = requested or os.environ.get(ENV_VAR) or None
     platform = platform or jax.default_backend()
-    if choice is None:
-        choice = "pallas" if platform == "gpu" else ("cpu" if cpu_kernel_available() else "reference")
+    choice = requested or ("pallas" if platform == "gpu" else ("cpu" if cpu_kernel_available() else "reference"))
     if choice not in ATTENTION_BACKENDS:
         raise BackendError(f"attention backend {choice!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if choice == "pallas" and platform != "gpu":
@@ -58,6 +60,33 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
                 f"({cfg.num_kv_heads}) split evenly over the devices; choose a tensor-parallel size that divides them"
             )
     return choice
+
+
+def resolve_linear(requested: str | None, cfg: ModelConfig, dtype, platform: str, devices: int) -> str:
+    """The weight products: the CPU kernels need one CPU device (on a mesh each weight is split
+    by heads or MLP columns, which their fused weights would not follow) and their library."""
+    on_one_cpu = platform == "cpu" and devices == 1
+    if requested is None:
+        if not (on_one_cpu and cpu_kernel_available()):
+            return "xla"
+        return "packed" if jnp.dtype(dtype) == jnp.bfloat16 and packable(cfg) else "cpu"
+    if requested not in LINEAR_IMPLS:
+        raise BackendError(f"linear {requested!r} is unknown; choose one of {', '.join(LINEAR_IMPLS)}")
+    if requested == "xla":
+        return requested
+    if not on_one_cpu:
+        raise BackendError(f"linear {requested!r} runs on one CPU device, but this mesh is {devices} x {platform!r}; "
+                           f"use 'xla'")
+    if not cpu_kernel_available():
+        raise BackendError(f"linear {requested!r} is unavailable: the C++ library did not build (see the warning "
+                           f"above; it needs g++); use 'xla'")
+    if requested == "packed" and jnp.dtype(dtype) != jnp.bfloat16:
+        raise BackendError(f"linear 'packed' packs bfloat16 weights, but the model is {jnp.dtype(dtype).name}; "
+                           f"use --dtype bfloat16, or 'cpu'")
+    if requested == "packed" and not packable(cfg):
+        raise BackendError("linear 'packed' needs every projection's output width a multiple of 16 "
+                           "(q/k/v, o, gate/up, down, vocabulary); use 'cpu'")
+    return requested
 
 
 def backend_mode(platform: str, attention_backend: str) -> str:

@@ -30,7 +30,9 @@ class EngineConfig:
     model_id: str = ""
     """Part of every prefix-cache key, so two models never share pages."""
     attention_backend: str | None = None
-    """"pallas", "cpu", "reference" or "pallas_interpret"; None = $TESSERA_ATTENTION, else by device."""
+    """"pallas", "cpu", "reference" or "pallas_interpret"; None = by device (runtime/backend.py)."""
+    linear: str | None = None
+    """Weight products: "xla", "cpu" or "packed"; None = by device, dtype and shapes (runtime/backend.py)."""
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

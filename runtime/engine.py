@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.config import generation_defaults
-from models.fusion import fuse_projections
-from models.linear import use_cpu_linear
-from models.loader import LoadedModel, load_model
+from models.loader import LoadedModel, lay_out, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
 from ops.audit import audit_event
 from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
+from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
@@ -73,9 +72,9 @@ class EngineStats:
 class Engine:
     def __init__(self, model: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        model = fuse_projections(model)  # one product for q/k/v and one for gate/up (one device)
-        model = use_cpu_linear(model)  # decode-sized products in the CPU kernel (one CPU device)
-        self.model, self.tokenizer = model, tokenizer
+        self.plan: ExecutionPlan = choose_plan(config, model.cfg, model.dtype, model.mesh)
+        log.info("execution plan: %s", self.plan)
+        self.model, self.tokenizer = lay_out(model, self.plan.weights), tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         num_blocks = config.num_blocks or self._blocks_for_memory(config)
         self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching,
@@ -85,8 +84,8 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.blocks)
         self.runner = Runner(
-            model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len, config.resolved_token_buckets(),
-            config.attention_backend,
+            self.model, self.plan, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
+            config.resolved_token_buckets(),
         )
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
         self.counters = EngineCounters()
@@ -146,7 +145,7 @@ class Engine:
 
     def backend_mode(self) -> str:
         """The `backend` label of the `backend_mode` metric (runtime/backend.py)."""
-        return backend_mode(self.model.mesh.devices.flat[0].platform, self.runner.attention_backend)
+        return backend_mode(self.plan.platform, self.plan.attention)
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.cpu_library import available
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
-from runtime.backend import resolve_attention_backend, runs_per_device
+from runtime.backend import runs_per_device
+from runtime.execution_plan import ExecutionPlan
 from runtime.request import Sequence
 from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
 from runtime.scheduler import SchedulerOutput
@@ -57,14 +57,11 @@ class StepResult:
 
 
 class Runner:
-    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...], attention_backend: str | None = None):
+    def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, token_buckets: tuple[int, ...]):
         self.model = model
-        self.attention_backend = resolve_attention_backend(
-            attention_backend, model.cfg, model.dtype, block_size, platform=model.mesh.devices.flat[0].platform,
-            tensor_parallel=model.mesh.size,
-        )
-        kernel_per_device = runs_per_device(self.attention_backend) and model.mesh.size > 1
+        self.attention_backend = plan.attention
+        kernel_per_device = runs_per_device(plan.attention) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_num_seqs = max_num_seqs
@@ -77,14 +74,12 @@ class Runner:
         # NNX state each step (milliseconds of host time per step otherwise).
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
+        self._summary_impl = plan.sampling
         self._warmed: list[tuple[int, bool]] = []  # (bucket, adjust) programs warm_up compiled
         self._jitted_step = self._jit_step()
 
     def _jit_step(self):
-        # Sampling's top logprobs and normaliser from the CPU kernel on one CPU device.
-        model = self.model
-        cpu_kernels = model.mesh.size == 1 and model.mesh.devices.flat[0].platform == "cpu" and available()
-        return jax.jit(partial(_step, model.graphdef, self._state_def, summary_impl="cpu" if cpu_kernels else "xla"),
+        return jax.jit(partial(_step, self.model.graphdef, self._state_def, summary_impl=self._summary_impl),
                        donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:

@@ -16,6 +16,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from serving.config import ServerConfig, variables_help
+
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera: LLM inference on JAX/XLA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -30,13 +32,13 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    for name in ("attention", "linear"):  # the execution plan's two choices, as `tessera serve` takes them
+        gen.add_argument("--" + name, help=f"as `tessera serve --{name}` [{variables_help(name)}; default: by device]")
 
     conv = sub.add_parser("convert", help="convert a checkpoint to Tessera's orbax layout for faster loads")
     conv.add_argument("--model", required=True, help="Hugging Face model folder")
     conv.add_argument("--out", required=True, help="output folder")
     conv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-
-    from serving.config import ServerConfig
 
     serve = sub.add_parser(
         "serve", help="serve the OpenAI-compatible HTTP API",
@@ -203,6 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
     from runtime.config import EngineConfig
     from runtime.engine import Engine
     from runtime.request import SamplingParams
+    from serving.config import environment_setting
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give exactly one of --prompt and --prompts-file")
@@ -212,9 +215,10 @@ def _generate(args: argparse.Namespace) -> int:
     )
     enable_compilation_cache()
     _warn_if_bfloat16_on_cpu(args.dtype)
-    engine = Engine.from_model_dir(
-        args.model, args.dtype, EngineConfig(max_num_seqs=args.max_num_seqs), tensor_parallel=args.tensor_parallel
-    )
+    config = EngineConfig(max_num_seqs=args.max_num_seqs,
+                          attention_backend=args.attention or environment_setting("attention"),
+                          linear=args.linear or environment_setting("linear"))
+    engine = Engine.from_model_dir(args.model, args.dtype, config, tensor_parallel=args.tensor_parallel)
     if args.prompts_file is not None:
         return _generate_many(engine, Path(args.prompts_file), defaults)
     prompt: str | list[int] = args.prompt

@@ -1,7 +1,7 @@
 """Server settings: one dataclass, every field a `tessera serve` flag and a `TESSERA_*` variable.
 
 A flag wins over the environment, which wins over the default. `tessera serve --help`
-prints every field with its help, its variable and its default.
+prints every field with its help, its variable (and older aliases of it) and its default.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from runtime.backend import ATTENTION_BACKENDS
+from runtime.execution_plan import LINEAR_IMPLS
 from runtime.config import EngineConfig
 
 ENV_PREFIX = "TESSERA_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _setting(default, help: str):  # noqa: A002 - the argparse word
-    return field(default=default, metadata={"help": help})
+def _setting(default, help: str, aliases: Mapping[str, Mapping[str, object]] | None = None):  # noqa: A002
+    """`aliases`: older variables that set the field too, each with its values' meanings (None:
+    the default); the field's own variable wins over them."""
+    return field(default=default, metadata={"help": help, "aliases": aliases or {}})
 
 
 @dataclass(slots=True)
@@ -38,6 +41,11 @@ class ServerConfig:
         None, "attention implementation: pallas (the GPU kernel), cpu (the C++ CPU kernel), reference "
               "(XLA, any device) or pallas_interpret (the kernel interpreted, slow); default: pallas on GPUs, "
               "cpu on CPUs (reference if it cannot be built)")
+    linear: str | None = _setting(
+        None, "weight products: packed (bfloat16 weights packed for the C++ CPU kernel, every row count), cpu "
+              "(the C++ kernel for decode-sized products, XLA for prompts) or xla; default: packed for a bfloat16 "
+              "model on one CPU whose weights pack, cpu on one CPU, else xla",
+        aliases={"TESSERA_CPU_LINEAR": {"0": "xla", "1": None}})
     # -- the engine ---------------------------------------------------------------------------
     max_num_seqs: int = _setting(16, "sequences the engine runs in one step")
     max_model_len: int | None = _setting(None, "prompt plus output tokens per sequence; default: the model's")
@@ -137,6 +145,7 @@ class ServerConfig:
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        _require(self.linear in (None, *LINEAR_IMPLS), "linear", self.linear, f"must be one of {', '.join(LINEAR_IMPLS)}")
         _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
@@ -198,6 +207,7 @@ class ServerConfig:
             max_kv_events=self.max_kv_events,
             token_buckets=buckets,
             attention_backend=self.attention,
+            linear=self.linear,
         )
 
     def tenant_sample_ratios(self) -> dict[str, float]:
@@ -222,7 +232,7 @@ class ServerConfig:
         for f in fields(cls):
             kind = _base_type(hints[f.name])
             flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata['help']} [{env_name(f.name)}; default: {f.default}]"
+            help_text = f"{f.metadata['help']} [{variables_help(f.name)}; default: {f.default}]"
             if kind is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                     help=help_text)
@@ -240,9 +250,36 @@ class ServerConfig:
         for f in fields(cls):
             if args is not None and hasattr(args, f.name):
                 values[f.name] = getattr(args, f.name)
-            elif env_name(f.name) in environ:
-                values[f.name] = _parse_env(f.name, environ[env_name(f.name)], hints[f.name])
+            else:
+                values.update(_from_environment(f, hints[f.name], environ))
         return cls(**(values | overrides))
+
+
+def environment_setting(name: str, environ: Mapping[str, str] | None = None):
+    """A field's value as the environment sets it (its variable, else an alias), or None: for
+    commands that take a few of these settings as flags of their own (`tessera generate`)."""
+    f = next(f for f in fields(ServerConfig) if f.name == name)
+    return _from_environment(f, typing.get_type_hints(ServerConfig)[name], os.environ if environ is None else environ
+                             ).get(name)
+
+
+def _from_environment(f, hint, environ: Mapping[str, str]) -> dict:
+    if env_name(f.name) in environ:
+        return {f.name: _parse_env(f.name, environ[env_name(f.name)], hint)}
+    for var, values in f.metadata["aliases"].items():
+        if var in environ:
+            if environ[var] not in values:
+                raise ValueError(f"{var}={environ[var]!r} must be one of {', '.join(values)}")
+            return {} if values[environ[var]] is None else {f.name: values[environ[var]]}
+    return {}
+
+
+def variables_help(name: str) -> str:
+    """The field's variable, and its aliases with what their values mean."""
+    aliases = next(f for f in fields(ServerConfig) if f.name == name).metadata["aliases"]
+    return "; ".join([env_name(name), *(
+        f"alias {var}: " + ", ".join(f"{raw} = {'the default' if value is None else value}" for raw, value in values.items())
+        for var, values in aliases.items())])
 
 
 def env_name(field_name: str) -> str:

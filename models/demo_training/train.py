@@ -81,10 +81,11 @@ def init_state(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
         shape = var.get_value().shape
-        if path[-1] == "weight":
+        owner = str(path[-2]) if len(path) > 1 else ""  # the module holding the weight: "q_norm", "o_proj", ...
+        if owner.endswith("norm"):
             var.set_value(jnp.ones(shape, jnp.float32))
             continue
-        std = 0.02 / math.sqrt(2 * cfg.num_layers) if path[-1] in ("o_proj", "down_proj") else 0.02
+        std = 0.02 / math.sqrt(2 * cfg.num_layers) if owner in ("o_proj", "down_proj") else 0.02
         var.set_value(std * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))
     return graphdef, state
 

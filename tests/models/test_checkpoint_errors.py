@@ -168,7 +168,7 @@ def test_bfloat16_checkpoint_loads_into_float32(checkpoint):
     params = flat_params(load_model(folder, "float32"))
     assert all(a.dtype == np.float32 for a in params.values())
     np.testing.assert_array_equal(params[("embed_tokens",)], saved["model.embed_tokens.weight"].float().numpy())
-    np.testing.assert_array_equal(params[("lm_head",)], saved["lm_head.weight"].float().numpy().T)
+    np.testing.assert_array_equal(params[("lm_head", "weight")], saved["lm_head.weight"].float().numpy().T)
 
 
 def test_cli_reports_a_bad_config_without_a_traceback(llama_copy, capsys):

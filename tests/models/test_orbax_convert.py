@@ -35,6 +35,6 @@ def test_converted_weights_restore_into_a_mesh(checkpoint, tmp_path):
     out = tmp_path / "converted"
     assert main(["convert", "--model", str(checkpoint("qwen2")), "--out", str(out)]) == 0
     model = load_model(out, "bfloat16", mesh=make_mesh(4))
-    q_proj = dict((tuple(p), v) for p, v in nnx.to_flat_state(model.state))[("layers", 0, "self_attn", "q_proj")]
+    q_proj = dict((tuple(p), v) for p, v in nnx.to_flat_state(model.state))[("layers", 0, "self_attn", "qkv", "q_proj", "weight")]
     assert q_proj.get_value().dtype == np.dtype("bfloat16")
     assert {s.data.shape for s in q_proj.get_value().addressable_shards} == {(64, 1, 16)}

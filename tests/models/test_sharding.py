@@ -39,15 +39,15 @@ def test_mesh_logits_equal_single_device(checkpoint, arch, devices):
 def test_heads_and_mlp_are_split_on_the_model_axis(checkpoint):
     # Mistral checkpoint: 8 heads, 2 KV heads, MLP 128, vocab 520 on an 8-device mesh.
     model = load_model(checkpoint("mistral"), mesh=make_mesh(8))
-    assert _spec(model, "layers", 0, "self_attn", "q_proj") == P(None, "model", None)
-    assert _spec(model, "layers", 0, "self_attn", "o_proj") == P("model", None, None)
-    assert _spec(model, "layers", 0, "mlp", "gate_proj") == P(None, "model")
-    assert _spec(model, "layers", 0, "mlp", "down_proj") == P("model", None)
+    assert _spec(model, "layers", 0, "self_attn", "qkv", "q_proj", "weight") == P(None, "model", None)
+    assert _spec(model, "layers", 0, "self_attn", "o_proj", "weight") == P("model", None, None)
+    assert _spec(model, "layers", 0, "mlp", "gate_proj", "weight") == P(None, "model")
+    assert _spec(model, "layers", 0, "mlp", "down_proj", "weight") == P("model", None)
     assert _spec(model, "embed_tokens") == P("model", None)
     # 2 KV heads cannot be split 8 ways: replicated, as is the KV cache.
-    assert _spec(model, "layers", 0, "self_attn", "k_proj") == P(None, None, None)
+    assert _spec(model, "layers", 0, "self_attn", "qkv", "k_proj", "weight") == P(None, None, None)
     assert model.kv_cache_sharding(4, 4).spec == P(None, None, None, None)
-    shard_shapes = {s.data.shape for s in _leaf(model, "layers", 0, "self_attn", "q_proj").addressable_shards}
+    shard_shapes = {s.data.shape for s in _leaf(model, "layers", 0, "self_attn", "qkv", "q_proj", "weight").addressable_shards}
     assert shard_shapes == {(64, 1, 8)}
 
 

@@ -161,7 +161,9 @@ def test_async_engine_reports_steps_finished_and_aborted_requests(engine):
 
 
 def test_vllm_bucket_boundaries_and_labels():
-    metrics = TesseraMetrics(MODEL, cache_config={"block_size": "16", "num_gpu_blocks": "512"}, backend="cpu")
+    plan = {"attention": "pallas", "linear": "xla", "fused": "true", "layout": "dense", "dtype": "bfloat16"}
+    metrics = TesseraMetrics(MODEL, cache_config={"block_size": "16", "num_gpu_blocks": "512"}, backend="cpu",
+                             execution_plan=plan)
     samples = scrape(metrics)
 
     def bounds(name):
@@ -174,6 +176,7 @@ def test_vllm_bucket_boundaries_and_labels():
     assert len(TTFT_BUCKETS) == 22 and len(INTER_TOKEN_BUCKETS) == 19 and len(REQUEST_LATENCY_BUCKETS) == 21
     assert samples["tessera:cache_config_info", (("block_size", "16"), ("num_gpu_blocks", "512"))] == 1
     assert samples["tessera:backend_mode", (("backend", "cpu"),)] == 1
+    assert samples["tessera:execution_plan", tuple(sorted(plan.items()))] == 1
     assert {n for (n, _) in samples if n.startswith("tessera:request_success")} == {
         "tessera:request_success_total", "tessera:request_success_created"}
     metrics.set_backend("gpu")

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -79,7 +80,7 @@ def test_bad_request_raises_in_the_caller_and_others_continue(async_engine):
     assert len(tokens) == 5 and outputs[-1].outputs[0].finish_reason == "length"
 
 
-def test_prompts_file_runs_many_prompts_at_once(checkpoint, tmp_path, capsys):
+def test_prompts_file_runs_many_prompts_at_once(checkpoint, tmp_path, capsys, caplog, monkeypatch):
     folder = checkpoint("llama")
     lines = [
         {"id": "a", "prompt": "The server reads", "max_tokens": 5, "ignore_eos": True},
@@ -88,7 +89,11 @@ def test_prompts_file_runs_many_prompts_at_once(checkpoint, tmp_path, capsys):
     ]
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert main(["generate", "--model", str(folder), "--prompts-file", str(path)]) == 0
+    # The plan's choices as flags, and a variable as the alias of one (TESSERA_CPU_LINEAR=0: --linear xla).
+    monkeypatch.setenv("TESSERA_CPU_LINEAR", "0")
+    with caplog.at_level(logging.INFO, logger="runtime.engine"):
+        assert main(["generate", "--model", str(folder), "--prompts-file", str(path), "--attention", "reference"]) == 0
+    assert "attention=reference linear=xla fused=true" in caplog.text
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(r["id"], r["index"], len(r["token_ids"])) for r in rows] == [("a", 0, 5), ("b", 0, 3), ("3", 0, 4), ("3", 1, 4)]
     assert all(r["finish_reason"] == "length" for r in rows)

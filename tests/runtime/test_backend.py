@@ -17,13 +17,12 @@ def head64(tmp_path_factory):
                             head_dim=64, num_hidden_layers=2)
 
 
-def test_defaults_follow_the_device(head64, monkeypatch):
-    monkeypatch.delenv("TESSERA_ATTENTION", raising=False)
+def test_defaults_follow_the_device_and_ignore_the_environment(head64, monkeypatch):
     cfg = ModelConfig.from_dir(head64)
+    monkeypatch.setenv("TESSERA_ATTENTION", "reference")  # an alias of the flag, read by the settings only
     assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="cpu") == "cpu"
     assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "pallas"
-    monkeypatch.setenv("TESSERA_ATTENTION", "reference")
-    assert resolve_attention_backend(None, cfg, "bfloat16", 16, platform="gpu") == "reference"
+    assert resolve_attention_backend("reference", cfg, "bfloat16", 16, platform="gpu") == "reference"
 
 
 @pytest.mark.parametrize(
@@ -48,7 +47,6 @@ def test_engine_refuses_pallas_on_cpu_before_serving(head64):
 def test_cpu_default_falls_back_to_the_reference_when_the_kernel_cannot_build(head64, monkeypatch):
     import runtime.backend as backend
 
-    monkeypatch.delenv("TESSERA_ATTENTION", raising=False)
     monkeypatch.setattr(backend, "cpu_kernel_available", lambda: False)
     cfg = ModelConfig.from_dir(head64)
     assert resolve_attention_backend(None, cfg, "float32", 16, platform="cpu") == "reference"
@@ -64,10 +62,9 @@ def test_engine_on_the_kernels_gives_the_reference_tokens(head64):
         engine = Engine.from_model_dir(head64, config=EngineConfig(
             block_size=8, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(4, 16),
             attention_backend=backend))
-        for p in prompts:
-            engine.add_request(p, params)
+        requests = [engine.add_request(p, params) for p in prompts]
         done = engine.run_to_completion()
-        results[backend] = [done[rid][0].token_ids for rid in sorted(done)]
+        results[backend] = [done[r.request_id][0].token_ids for r in requests]
     assert results["pallas_interpret"] == results["reference"]
     assert results["cpu"] == results["reference"]
     assert all(len(t) == 6 for t in results["reference"])

@@ -37,8 +37,8 @@ def test_eight_devices_give_the_greedy_tokens_of_one(eight_heads):
     assert all(len(t) == 8 for t in one)
     # The weights and the KV cache really are split: heads, MLP and KV heads over the 8 devices.
     layer = engine.model.state["layers"][0]
-    assert layer["self_attn"]["q_proj"].get_value().sharding.spec == P(None, "model", None)
-    assert layer["mlp"]["gate_proj"].get_value().sharding.spec == P(None, "model")
+    assert layer["self_attn"]["qkv"]["q_proj"]["weight"].get_value().sharding.spec == P(None, "model", None)
+    assert layer["mlp"]["gate_proj"]["weight"].get_value().sharding.spec == P(None, "model")
     k_pages = engine.runner.kv_cache[0][0]
     assert k_pages.sharding.spec[2] == "model"  # [pages, page_size, kv_heads, head_dim]
     assert k_pages.addressable_shards[0].data.shape == (64, 8, 1, 64)

@@ -88,6 +88,15 @@ def test_metrics_move_by_exactly_what_was_served(base_url):
     assert _metrics(base_url)[f"tessera:num_requests_running{{{label}}}"] == 0
 
 
+def test_metrics_show_the_engine_s_execution_plan(base_url):
+    # The session's engine: float32 on one CPU with the kernel library, nothing forced.
+    plan = [line for line in httpx.get(base_url + "/metrics").text.splitlines()
+            if line.startswith("tessera:execution_plan{")]
+    assert plan == ['tessera:execution_plan{attention="cpu",device="cpu",dtype="float32",fused="true",layout="dense",'
+                    f'linear="cpu",model_name="{MODEL_NAME}",sampling="cpu",tensor_parallel="1"}} 1.0']
+    assert f'tessera:backend_mode{{backend="cpu",model_name="{MODEL_NAME}"}} 1.0' in httpx.get(base_url + "/metrics").text
+
+
 def test_debug_requests_shows_token_timings_without_text(base_url):
     secret = "debug ring secret words"
     response = httpx.post(base_url + "/v1/completions", json={

@@ -1,9 +1,10 @@
 """`tessera serve` where the C++ CPU kernels cannot build: one warning line that says what is
-missing and what runs instead, it serves, and /metrics shows the fallback."""
+missing and what runs instead, it serves, and the log and /metrics show the fallback plan."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def test_serves_on_xla_with_one_warning_when_the_kernels_cannot_build(tiny_model
         assert 'tessera:backend_mode{backend="cpu_xla",model_name=' in metrics
         mode = [line for line in metrics.splitlines() if line.startswith("tessera:backend_mode{")]
         assert len(mode) == 1 and mode[0].endswith(" 1.0")
+        plan = [re.sub(r'model_name="[^"]*",', "", line) for line in metrics.splitlines()
+                if line.startswith("tessera:execution_plan{")]
+        assert plan == ['tessera:execution_plan{attention="reference",device="cpu",dtype="float32",fused="true",'
+                        'layout="dense",linear="xla",sampling="xla",tensor_parallel="1"} 1.0']
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=30)
@@ -50,3 +55,7 @@ def test_serves_on_xla_with_one_warning_when_the_kernels_cannot_build(tiny_model
     assert len(warnings) == 1, log[-3000:]
     assert "no C++ compiler 'no-such-compiler' found (install g++, or set CXX)" in warnings[0]
     assert "XLA's own operations and the jnp reference attention run instead" in warnings[0]
+    plans = [line for line in log.splitlines() if "execution plan:" in line]
+    assert len(plans) == 1, log[-3000:]
+    assert ("execution plan: device=cpu tensor_parallel=1 dtype=float32 attention=reference linear=xla fused=true "
+            "layout=dense sampling=xla") in plans[0]

@@ -28,6 +28,7 @@ def test_help_documents_every_setting_with_its_variable(capsys):
         assert "--" + field.name.replace("_", "-") in text
         assert env_name(field.name) in text
         assert " ".join(field.metadata["help"].split()) in text
+    assert "[TESSERA_LINEAR; alias TESSERA_CPU_LINEAR: 0 = xla, 1 = the default; default: None]" in text
 
 
 def test_a_flag_wins_over_the_environment_which_wins_over_the_default():
@@ -43,11 +44,26 @@ def test_a_flag_wins_over_the_environment_which_wins_over_the_default():
     assert ServerConfig.from_sources(_serve_args([]), {"TESSERA_ATTENTION": "reference"}).engine_config().attention_backend == "reference"
 
 
+def test_the_execution_plan_s_choices_are_flags_with_the_old_variables_as_aliases():
+    def engine(argv: list[str], env: dict[str, str]):
+        return ServerConfig.from_sources(_serve_args(argv), env).engine_config()
+
+    assert (engine([], {}).attention_backend, engine([], {}).linear) == (None, None)  # by device at start-up
+    assert engine([], {"TESSERA_ATTENTION": "reference"}).attention_backend == "reference"
+    assert engine(["--attention", "cpu"], {"TESSERA_ATTENTION": "reference"}).attention_backend == "cpu"
+    assert engine([], {"TESSERA_CPU_LINEAR": "0"}).linear == "xla"
+    assert engine([], {"TESSERA_CPU_LINEAR": "1"}).linear is None
+    assert engine([], {"TESSERA_LINEAR": "packed", "TESSERA_CPU_LINEAR": "0"}).linear == "packed"  # the own name wins
+    assert engine(["--linear", "cpu"], {"TESSERA_CPU_LINEAR": "0"}).linear == "cpu"
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"TESSERA_PORT": "eighty"}, "TESSERA_PORT='eighty' must be int"),
     ({"TESSERA_LOG_PROMPTS": "maybe"}, "TESSERA_LOG_PROMPTS='maybe' must be true or false"),
     ({"TESSERA_LOG_LEVEL": "loud"}, "log_level='loud' must be one of"),
     ({"TESSERA_ATTENTION": "triton"}, "attention='triton' must be one of pallas, cpu, reference, pallas_interpret"),
+    ({"TESSERA_LINEAR": "amx"}, "linear='amx' must be one of xla, cpu, packed"),
+    ({"TESSERA_CPU_LINEAR": "yes"}, "TESSERA_CPU_LINEAR='yes' must be one of 0, 1"),
     ({"TESSERA_MAX_QUEUE": "-1"}, "max_queue=-1 must be >= 0"),
     ({"TESSERA_LOG_TENANT_SAMPLE_RATIOS": "acme=2"}, "log_tenant_sample_ratios='acme=2'"),
     ({"TESSERA_TOKEN_BUCKETS": "8,x"}, "token_buckets='8,x' must be comma-separated integers"),
