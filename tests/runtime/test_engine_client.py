@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -111,3 +112,16 @@ def test_kv_events_are_drained_through_the_protocol(client, core):
     # (8 prompt + 4 fed-back tokens = 12 computed; the 5th sampled token is never computed).
     assert seen == [BlockStored((k0, k1), ROOT_KEY, tuple(PROMPT), 4), BlockStored((k2,), k1, generated[:4], 4)]
     assert core.blocks.take_events() == []  # the stream drained the ring
+
+
+def test_request_timings_are_monotonic_until_the_edge_dates_them(client):
+    started = time.monotonic()
+    outputs = asyncio.run(_run(client, client.make_request(PROMPT, SamplingParams(max_tokens=3, **GREEDY))))
+    timings = outputs[-1].timings
+    assert started <= timings.arrival_time <= timings.first_token_time <= timings.finished_time <= time.monotonic()
+    dated = timings.to_wall_clock()
+    assert abs(dated.finished_time - time.time()) < 5.0  # a date now, not seconds since boot
+    assert dated.e2e_seconds == pytest.approx(timings.e2e_seconds, abs=1e-6)
+    assert dated.inter_token_seconds == pytest.approx(timings.inter_token_seconds, abs=1e-6)
+    assert dated.arrival_time - timings.arrival_time == pytest.approx(time.time() - time.monotonic(), abs=1e-3)
+    assert len(dated.token_times) == 3 and timings.token_times[0] >= started  # the original stays monotonic
