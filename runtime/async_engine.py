@@ -1,7 +1,9 @@
-"""An asyncio front for the engine, whose step loop runs on its own thread.
+"""An asyncio front for the engine, whose step loop runs on its own thread: the in-process
+`EngineClient` (runtime/engine_client.py).
 
-Requests are checked in the caller's task (so a bad one raises there, at once) and handed
-to the loop thread through a queue; outputs come back to each request's asyncio queue.
+Requests are checked in the caller's task by `make_request` (so a bad one raises there, at
+once) and handed, checked, to the loop thread through a queue; outputs come back to each
+request's asyncio queue.
 A consumer that stops iterating (a client that went away) aborts its request, and its pages
 are freed before the next step.
 
@@ -17,6 +19,7 @@ consumer gets `EngineDeadError`, and so does every later request (`/health` turn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -24,22 +27,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ops.audit import audit_event
-from runtime.engine import Engine
+from runtime.engine import Engine, EngineStats
+from runtime.engine_client import EngineDeadError, EngineHealth, EngineStepError, KVEvent
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
 
 if TYPE_CHECKING:
+    from models.tokenizer import Tokenizer
     from ops.metrics import TesseraMetrics
 
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStepError"]  # the errors' home is engine_client
+
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop failed; requests in flight cannot finish."""
-
-
-class EngineStepError(RuntimeError):
-    """The engine step computing this request failed; the engine itself carries on."""
 
 
 class AsyncEngine:
@@ -54,6 +53,31 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Snapshot taken on the loop thread: the scheduler's lists are not safe to read from another.
+        self._stats: EngineStats | None = None
+        self._kv_listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # guarded by _lock
+
+    # -- what serving needs to know about the model ---------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.config.model_id
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def generation_defaults(self) -> dict:
+        return self.engine.generation_defaults
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -74,7 +98,21 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams)
 
+    def health(self) -> EngineHealth:
+        thread = self._thread
+        running = self.error is None and thread is not None and thread.is_alive()
+        return EngineHealth(running, None if self.error is None else repr(self.error))
+
+    def stats(self) -> EngineStats:
+        # Before the loop has run there is no other thread to race with.
+        return self._stats if self._stats is not None else self.engine.stats()
+
     # -- requests -------------------------------------------------------------------------
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                     **request_fields) -> Request:
+        # Engine.make_request reads only settings fixed at build time: safe from the caller's thread.
+        return self.engine.make_request(prompt, params, request_id=request_id, **request_fields)
 
     async def generate(
         self,
@@ -83,10 +121,16 @@ class AsyncEngine:
         request_id: str | None = None,
         **request_fields,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as steps produce them; the last one has finished=True."""
+        """make_request then stream, for callers that hold no request yet (tests, perf, the CLI)."""
+        request = self.make_request(prompt, params, request_id=request_id, **request_fields)
+        async with contextlib.aclosing(self.stream(request)) as outputs:  # closing early aborts at once
+            async for output in outputs:
+                yield output
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Yield the checked request's outputs as steps produce them; the last one has finished=True."""
         if self.error is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
-        request = self.engine.make_request(prompt, params, request_id=request_id, **request_fields)
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request.request_id in self._streams:
@@ -118,6 +162,24 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    async def kv_events(self) -> AsyncIterator[KVEvent]:
+        """The block manager's events, drained as the loop thread signals that a step ran."""
+        wake = asyncio.Event()
+        listener = (asyncio.get_running_loop(), wake)
+        with self._lock:
+            self._kv_listeners.append(listener)
+        try:
+            while True:
+                for event in self.engine.blocks.take_events():
+                    yield event
+                if self.error is not None:
+                    raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
+                await wake.wait()
+                wake.clear()  # before the next take: a signal after it is not lost, its events are taken
+        finally:
+            with self._lock:
+                self._kv_listeners.remove(listener)
+
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -146,6 +208,7 @@ class AsyncEngine:
                 request_ids = list(self._streams)
             for request_id in request_ids:
                 self._deliver(request_id, e)
+            self._wake_kv_listeners()
 
     def _apply_commands(self) -> int:
         applied = 0
@@ -175,11 +238,20 @@ class AsyncEngine:
                     self._report_finished(output, "abort")
 
     def _report_step(self, step_tokens: int) -> None:
+        self._stats = self.engine.stats()
+        self._wake_kv_listeners()
         if self.metrics is not None:
             try:
-                self.metrics.on_step(self.engine.stats(), step_tokens)
+                self.metrics.on_step(self._stats, step_tokens)
             except Exception:  # noqa: BLE001 - metrics must never stop serving
                 log.exception("metrics: on_step failed")
+
+    def _wake_kv_listeners(self) -> None:
+        with self._lock:
+            listeners = list(self._kv_listeners)
+        for loop, wake in listeners:
+            with contextlib.suppress(RuntimeError):  # its event loop has closed
+                loop.call_soon_threadsafe(wake.set)
 
     def _report_finished(self, output: RequestOutput, reason: str | None = None) -> None:
         if self.metrics is not None and output.finished:

@@ -110,9 +110,14 @@ class BlockManager:
         return (allocated - used) / allocated if allocated else 0.0
 
     def take_events(self) -> list:
-        events = list(self._events)
-        self._events.clear()
-        return events
+        # popleft, not list() then clear(): the engine's loop thread may append while the
+        # consumer (EngineClient.kv_events) drains from another thread; deque ops are atomic.
+        events = []
+        while True:
+            try:
+                events.append(self._events.popleft())
+            except IndexError:
+                return events
 
     def _emit(self, event) -> None:
         if len(self._events) == self._events.maxlen:

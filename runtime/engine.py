@@ -206,9 +206,8 @@ class Engine:
 
     def add(self, request: Request) -> None:
         self.scheduler.add_request(request)
-        # Request.arrival_time is monotonic (it orders the queue); timings are wall-clock.
-        waited = max(time.monotonic() - request.arrival_time, 0.0)
-        self._timings[request.request_id] = RequestTimings(time.time() - waited, num_prompt_tokens=request.num_prompt_tokens)
+        # One clock: timings are monotonic like Request.arrival_time (the API edge converts).
+        self._timings[request.request_id] = RequestTimings(request.arrival_time, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
             self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
 
@@ -238,7 +237,7 @@ class Engine:
         self.counters.last_step_tokens = batch.num_tokens
         if batch.is_empty:
             return []
-        self._note_scheduled(batch, time.time())
+        self._note_scheduled(batch, time.monotonic())
         try:
             self.faults.before_step(self.runner.kv_cache)
             outputs = self._run_step(batch)
@@ -259,7 +258,7 @@ class Engine:
         for seq in grown:
             out = self._sample_output(seq, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
-        now = time.time()
+        now = time.monotonic()
         for request, _ in by_request.values():
             self._note_tokens(request, now)
         return [self._request_output(request, outs) for request, outs in by_request.values()]
@@ -347,17 +346,18 @@ class Engine:
         )
 
     def _request_output(self, request: Request, outputs: list[CompletionOutput]) -> RequestOutput:
+        now = time.monotonic()
         metrics = {"arrival_time": request.arrival_time}
         if request.first_token_time is not None:
             metrics["first_token_time"] = request.first_token_time
         if request.is_finished:
-            metrics["finished_time"] = time.monotonic()
+            metrics["finished_time"] = now
         timings = self._timings.get(request.request_id) or RequestTimings(num_prompt_tokens=request.num_prompt_tokens)
         timings.num_cached_tokens = request.sequences[0].num_cached_tokens
         timings.num_generation_tokens = sum(s.num_output_tokens for s in request.sequences)
         timings.num_preemptions = sum(s.num_preemptions for s in request.sequences)
         if request.is_finished:
-            timings.finished_time = time.time()
+            timings.finished_time = now
             reason = request.sequences[0].finish_reason
             timings.finished_reason = reason.value if reason else None
             self._timings.pop(request.request_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -29,14 +30,16 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestTimings:
-    """When a request reached each stage, as wall-clock `time.time()` seconds (None until known).
+    """When a request reached each stage, as `time.monotonic()` seconds (None until known).
 
+    One clock inside the engine: monotonic, so a wall-clock step (NTP) never makes a negative
+    latency; the API edge converts with `to_wall_clock()` where it needs dates (trace spans).
     Filled by the engine; final once the request's output has finished=True. `token_times`
     holds one entry per step that gave the request new tokens (with n > 1 samples, one entry
     for all samples of that step), so its gaps are the inter-token latencies a stream sees.
     """
 
-    arrival_time: float = field(default_factory=time.time)
+    arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -48,6 +51,15 @@ class RequestTimings:
     token_times: list[float] = field(default_factory=list)
     detokenize_seconds: float = 0.0  # spent in incremental detokenization and stop-string search
     finished_reason: str | None = None  # sample 0's: "stop", "length" or "abort"
+
+    def to_wall_clock(self) -> RequestTimings:
+        """A copy with every time as `time.time()` seconds (durations are unchanged)."""
+        shift = time.time() - time.monotonic()
+        moved = {name: getattr(self, name) for name in _INSTANTS}
+        return dataclasses.replace(
+            self, **{name: None if t is None else t + shift for name, t in moved.items()},
+            token_times=[t + shift for t in self.token_times],
+        )
 
     @property
     def queue_seconds(self) -> float | None:
@@ -77,6 +89,9 @@ class RequestTimings:
     def inter_token_seconds(self) -> list[float]:
         t = self.token_times
         return [b - a for a, b in zip(t, t[1:])]
+
+
+_INSTANTS = ("arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "finished_time")
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from litestar.plugins import InitPluginProtocol
 
 from ops.audit import audit_event
 
-from runtime.async_engine import AsyncEngine
+from runtime.engine_client import EngineClient
 from serving.auth.access import Access, build_access
 from serving.auth.guard import AccessMiddleware, authorize, needs
 from serving.auth.principal import PUBLIC
@@ -36,7 +36,7 @@ from serving.state import ServerState
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: AsyncEngine | None = None, config: ServerConfig | None = None,
+def create_app(engine: EngineClient | None = None, config: ServerConfig | None = None,
                access: Access | None = None) -> Litestar:
     """The app around `engine`; without one, builds the engine `config` describes (and owns it).
     `access` (auth and rate limits) defaults to what `config` and the environment describe."""

@@ -1,6 +1,7 @@
 """One API request's run through the engine: an engine request per prompt, outputs merged.
 
-The checks run before anything is queued (so bad input is a 4xx before a stream starts);
+The checks run once, before anything is queued (so bad input is a 4xx before a stream
+starts): `check` keeps the engine requests it made, and `outputs` streams those very ones;
 a consumer that stops (a client that went away) closes the engine streams, which aborts
 their requests before the engine's next step.
 """
@@ -14,8 +15,9 @@ from typing import TypeVar
 
 from litestar import Request
 
-from runtime.async_engine import EngineDeadError, EngineStepError
+from runtime.engine_client import EngineDeadError, EngineStepError
 from runtime.outputs import RequestOutput, TokenLogprob
+from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
 from serving.errors import APIError, ClientDisconnected, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
@@ -52,14 +54,17 @@ class Generation:
     request_id: str
     engine_fields: dict = field(default_factory=dict)
     num_cached_tokens: int = 0
+    requests: list[EngineRequest] = field(default_factory=list)
+    """One checked engine request per prompt, made by `check`."""
 
     def check(self, prompt_param: str) -> None:
         """The engine's own checks (context length, vocabulary, n...), as 400s, before queueing."""
-        for ids in self.prompts:
-            try:
-                self.server.engine.engine.make_request(ids, self.params, **self.engine_fields)
-            except ValueError as e:
-                raise from_engine_error(e, prompt_param) from None
+        engine = self.server.engine
+        try:
+            self.requests = [engine.make_request(ids, self.params, request_id=f"{self.request_id}-{i}",
+                                                 **self.engine_fields) for i, ids in enumerate(self.prompts)]
+        except ValueError as e:
+            raise from_engine_error(e, prompt_param) from None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -73,8 +78,7 @@ class Generation:
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as the engine makes them; the record follows along."""
         engine = self.server.engine
-        streams = [engine.generate(ids, self.params, request_id=f"{self.request_id}-{i}", **self.engine_fields)
-                   for i, ids in enumerate(self.prompts)]
+        streams = [engine.stream(request) for request in self.requests]
         source = _merge(streams) if len(streams) > 1 else _indexed(streams[0])
         try:
             async for prompt_index, output in source:

@@ -73,8 +73,8 @@ def end_http_span(span: Any | None, record) -> None:
         span.set_attribute("gen_ai.usage.input_tokens", record.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
         for timings in record.engine_timings:
-            _tracing.record_request_spans(
-                span, timings, tokenize_start=record.tokenize_start, tokenize_end=record.tokenize_end,
+            _tracing.record_request_spans(  # the edge: the engine's monotonic times become dates
+                span, timings.to_wall_clock(), tokenize_start=record.tokenize_start, tokenize_end=record.tokenize_end,
                 request_id=record.request_id, model=record.model,
             )
         if record.status >= 500:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from runtime.async_engine import AsyncEngine
+from runtime.engine_client import EngineClient
 from serving import observability
 from serving.auth.access import configure_audit_sinks
 from serving.config import ServerConfig
@@ -39,9 +39,11 @@ def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
                       model_name=served_name(config, model_dir))
 
 
-def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[AsyncEngine, str]:
+def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[EngineClient, str]:
     """Check the model's signature, then load and warm it up; (the engine, its served name).
-    Every load (start-up, and any reload) comes through here."""
+    Every load (start-up, and any reload) comes through here: the one place serving builds
+    an in-process engine; everything after it sees only the EngineClient."""
+    from runtime.async_engine import AsyncEngine
     from runtime.compile_cache import enable_compilation_cache
     from runtime.engine import Engine
 
@@ -55,13 +57,13 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Asy
     return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
 
 
-def build_server_state(config: ServerConfig, engine: AsyncEngine | None = None) -> ServerState:
+def build_server_state(config: ServerConfig, engine: EngineClient | None = None) -> ServerState:
     from serving.guardrails import Guardrails
 
     guardrails = Guardrails.from_setting(config.guardrails)  # before the model: a bad policy fails fast
     if engine is not None:
-        name = config.served_model_name or engine.engine.config.model_id or "tessera"
-        return ServerState(engine, config, name, owns_engine=False, metrics=getattr(engine, "metrics", None),
+        name = config.served_model_name or engine.model_id or "tessera"
+        return ServerState(engine, config, name, owns_engine=False, metrics=engine.metrics,
                            guardrails=guardrails)
     from serving.default_model import resolve_model
 

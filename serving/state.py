@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from runtime.async_engine import AsyncEngine
+from runtime.engine_client import EngineClient
 from serving.admission import Admission
 from serving.config import ServerConfig
 from serving.errors import APIError
@@ -17,7 +17,8 @@ from serving.tokenizer_pool import TokenizerPool
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient
+    """The engine, seen only through its protocol (in-process or remote)."""
     config: ServerConfig
     model_name: str
     owns_engine: bool = False
@@ -31,13 +32,13 @@ class ServerState:
 
     def __post_init__(self):
         self.recent = RecentRequests(self.config.debug_requests, with_text=self.config.log_prompts)
-        self.admission = Admission(self.engine.engine.config.max_num_seqs, self.config.max_queue,
+        self.admission = Admission(self.engine.max_num_seqs, self.config.max_queue,
                                    self.recent.mean_e2e_s)
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def tokenizer_pool(self) -> TokenizerPool:
@@ -47,11 +48,11 @@ class ServerState:
     @property
     def sampling_defaults(self) -> dict:
         """The model's generation_config.json sampling fields, for fields a request leaves out."""
-        return getattr(self.engine.engine, "generation_defaults", None) or {}
+        return self.engine.generation_defaults
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -63,5 +64,4 @@ class ServerState:
 
     @property
     def engine_running(self) -> bool:
-        thread = getattr(self.engine, "_thread", None)
-        return self.engine.error is None and thread is not None and thread.is_alive()
+        return self.engine.health().running

@@ -23,15 +23,17 @@ class HealthController(Controller):
     async def health(self, server: ServerState) -> Response[HealthResponse]:
         # Liveness: only an engine that could not recover from a fault fails it, so that the
         # orchestrator restarts the process (draining and a not-yet-started loop do not).
-        if server.engine.error is not None:
-            return Response(HealthResponse("engine failed", reason=f"{server.engine.error!r}"), status_code=503)
+        error = server.engine.health().error
+        if error is not None:
+            return Response(HealthResponse("engine failed", reason=error), status_code=503)
         return Response(HealthResponse("ok"))
 
     @get("/ready", operation_id="ready", opt=needs(PUBLIC), summary="The model is loaded, the engine loop runs, intake is open",
          responses={503: ResponseSpec(ReadyResponse, description="Not ready")})
     async def ready(self, server: ServerState) -> Response[ReadyResponse]:
-        running, draining = server.engine_running, server.admission.draining
-        reason = None if running else (f"engine loop stopped: {server.engine.error!r}" if server.engine.error
+        health, draining = server.engine.health(), server.admission.draining
+        running = health.running
+        reason = None if running else (f"engine loop stopped: {health.error}" if health.error
                                        else "engine loop not started")
         reason = "draining for shutdown" if draining else reason
         body = ReadyResponse("ready" if reason is None else "not ready", model_loaded=True, engine_running=running,
