@@ -161,10 +161,11 @@ def build_model() -> Path:
     return MODEL_DIR
 
 
-def start_server(port: int, flags: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "TESSERA_LOG_LEVEL": "warning"}
+def start_server(port: int, flags: list[str], tree: Path = REPO) -> subprocess.Popen:
+    """`tessera serve` from the checkout at `tree` (this one by default), once it is ready."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "TESSERA_LOG_LEVEL": "warning"}
     process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port), *flags],
-                               cwd=REPO, env=env)
+                               cwd=tree, env=env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:

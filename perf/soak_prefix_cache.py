@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from perf.load import free_port, stop_server  # noqa: E402
+from perf.load import free_port, start_server, stop_server  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "perf-soak-model"
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, max_position_embeddings=256)
@@ -50,26 +50,6 @@ def build_model() -> Path:
 
         build_checkpoint(MODEL_DIR, "llama", **SHAPE)
     return MODEL_DIR
-
-
-def start_server(tree: Path, port: int) -> subprocess.Popen:
-    import httpx
-
-    env = {**os.environ, "PYTHONPATH": str(tree), "TESSERA_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--model",
-                                str(build_model()), *SERVER_FLAGS], cwd=tree, env=env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"tessera serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("tessera serve did not become ready")
 
 
 def rss_kib(pid: int) -> int:
@@ -170,6 +150,9 @@ def metrics(port: int) -> dict[str, float]:
 
 def report(result: dict, counters: dict, tree: Path, total: int) -> str:
     readings = result["readings"]
+    if CHECKPOINTS[0] not in readings:  # a short smoke run (--requests below the first checkpoint)
+        return f"{total:,} requests in {result['seconds']:.0f} s, {len(result['errors'])} errors; RSS is read " \
+               f"from {CHECKPOINTS[0]:,} requests on, so there is nothing to compare."
     base = readings[CHECKPOINTS[0]][0]
     last = readings[max(readings)][0]
     growth = (last - base) / base
@@ -208,7 +191,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="append the result (markdown) to this file")
     args = parser.parse_args()
     port = free_port()
-    process = start_server(args.tree.resolve(), port)
+    process = start_server(port, ["--model", str(build_model()), *SERVER_FLAGS], tree=args.tree.resolve())
     try:
         result = asyncio.run(soak(port, process.pid, args.requests))
         counters = metrics(port)
