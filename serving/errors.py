@@ -12,7 +12,6 @@ import re
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
-from litestar.utils.scope.state import ScopeState
 
 from serving.protocol.common import ErrorDetail, ErrorResponse
 
@@ -107,17 +106,11 @@ def _validation_error(_: Request, exc: ValidationException) -> Response:
     return bad_request(exc.detail or "invalid request").to_response()
 
 
-def _http_error(request: Request, exc: HTTPException) -> Response:
+def _http_error(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
-    if isinstance(exc.__cause__, SerializationException):  # Litestar's 400 for a body msgspec cannot decode
-        # Bad UTF-8 is named as such whatever msgspec says of it (0.23 calls it bad JSON;
-        # earlier releases let it through to a UnicodeDecodeError, handled below).
-        body = ScopeState.from_scope(request.scope).body
-        if isinstance(body, bytes):
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                return invalid_utf8(bad).to_response()
+    # Litestar's 400 for a body msgspec cannot decode. Bodies decode in serving/body.py, which
+    # names bad UTF-8 itself; this is for any path that reaches Litestar's own decoder.
+    if isinstance(exc.__cause__, SerializationException):
         return invalid_json(exc.detail).to_response()
     message = {
         404: "no such route",

@@ -110,7 +110,9 @@ inline void ColumnsKN(const float* x, const WT* w, const Shapes& s, int64_t n0, 
   constexpr int kRows = std::min(8, kSumVecs / NV), kHalf = std::max(1, kRows / 2);
   int64_t r = 0;
   for (; r + kRows <= s.rows; r += kRows) BlockKN<kRows, NV>(x, w, s, r, n0, y);
-  for (; r + kHalf <= s.rows; r += kHalf) BlockKN<kHalf, NV>(x, w, s, r, n0, y);
+  if constexpr (kHalf > 1) {
+    for (; r + kHalf <= s.rows; r += kHalf) BlockKN<kHalf, NV>(x, w, s, r, n0, y);
+  }
   for (; r < s.rows; ++r) BlockKN<1, NV>(x, w, s, r, n0, y);
 }
 
