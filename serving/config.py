@@ -54,6 +54,8 @@ class ServerConfig:
     kv_cache_memory_gib: float = _setting(2.0, "memory for the KV cache, GiB (ignored when num_blocks is set)")
     num_blocks: int | None = _setting(None, "KV cache pages; default: as many as kv_cache_memory_gib holds")
     enable_prefix_caching: bool = _setting(True, "reuse KV pages of prompt prefixes seen before")
+    async_scheduling: bool = _setting(True, "plan and dispatch each engine step while the previous one runs "
+                                            "(tokens reach the host one step late); off runs steps in series")
     max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
                                           "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
@@ -204,6 +206,7 @@ class ServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            async_scheduling=self.async_scheduling,
             max_kv_events=self.max_kv_events,
             token_buckets=buckets,
             attention_backend=self.attention,
