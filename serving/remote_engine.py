@@ -145,12 +145,8 @@ class RemoteEngine:
     # -- requests -----------------------------------------------------------------------------
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                     priority: int = 0, tenant: str = "default", cache_salt: str = "", trace_id: str = "") -> Request:
-        ids = self._tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        check_request(ids, params, self._limits)
-        return Request(request_id=request_id or f"req-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
-                       priority=priority, tenant=tenant, cache_salt=cache_salt, trace_id=trace_id,
-                       eos_token_ids=self._limits.eos_token_ids)
+                     **request_fields) -> Request:
+        return checked_request(self._tokenizer, self._limits, prompt, params, request_id, **request_fields)
 
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
         call = self.stub.Generate(convert.request_to_proto(request))
@@ -237,6 +233,17 @@ class RemoteEngine:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("worker %s: background call failed: %r", self.address, task.exception())
+
+
+def checked_request(tokenizer: Tokenizer, limits: RequestLimits, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0, tenant: str = "default", cache_salt: str = "",
+                    trace_id: str = "") -> Request:
+    """`make_request` of a client that holds a worker's tokenizer and limits: the worker's checks, here."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    check_request(ids, params, limits)
+    return Request(request_id=request_id or f"req-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
+                   priority=priority, tenant=tenant, cache_salt=cache_salt, trace_id=trace_id,
+                   eos_token_ids=limits.eos_token_ids)
 
 
 def rpc_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
