@@ -152,3 +152,36 @@ def start_gateway(etcd: str, *, env: dict | None = None, timeout: float = 60) ->
     _wait_for(handle, ready, timeout, "gateway")
     handle.address = url
     return handle
+
+
+def start_sim_workers(etcd: str, pools: dict[str, int], timeout: float = 120) -> list[Process]:
+    """`count` simulated workers (perf/sim_worker.py: the real gRPC server and registration over a
+    simulated engine, no jax) per pool, started together."""
+    handles = []
+    for pool, count in pools.items():
+        for i in range(count):
+            settings = {"TESSERA_ETCD": etcd, "TESSERA_POOL": pool, "TESSERA_WORKER_ID": f"sim-{pool}-{i}",
+                        "TESSERA_GRPC_PORT": "0"}
+            handles.append(_spawn([sys.executable, "-m", "perf.sim_worker"], settings))
+    for handle in handles:
+        def ready(handle=handle):
+            match = _LISTENING.search(handle.output)
+            return match and match.group(2)
+
+        handle.address = _wait_for(handle, ready, timeout, "simulated worker")
+        handle.worker_id = _LISTENING.search(handle.output).group(1)
+    return handles
+
+
+def put_pool(etcd: str, pool: str, weight: float, drain: bool = False) -> None:
+    """An operator's pool key (serving/registry.py), as `etcdctl put` would write it."""
+    import asyncio
+    import json
+
+    from serving import registry
+
+    async def go():
+        async with registry.connect(etcd) as client:
+            await client.put((registry.POOLS + pool).encode(), json.dumps({"weight": weight, "drain": drain}).encode())
+
+    asyncio.run(go())
