@@ -130,7 +130,7 @@ class ServerConfig:
     etcd: str | None = _setting(None, "etcd client endpoint host:port: workers register there, gateways discover them")
     grpc_port: int = _setting(50051, "worker: gRPC port to listen on (0: any free port)")
     advertise_address: str | None = _setting(None, "worker: host:port gateways dial; default: host and grpc_port")
-    worker_id: str | None = _setting(None, "worker: its id in the registry; default: hostname-pid-random")
+    worker_id: str | None = _setting(None, "worker: its id in the registry; default: the host name, the process id and a random suffix")
     pool: str = _setting("default", "worker: the pool it serves in (weights and drain are per pool, in etcd)")
     region: str = _setting("local", "worker: its region label (a pool per region gives active/active)")
     mig_device: str | None = _setting(None, "worker: GPU or MIG slice UUID to run on (sets CUDA_VISIBLE_DEVICES)")
