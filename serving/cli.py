@@ -47,6 +47,19 @@ def _build_parser() -> argparse.ArgumentParser:
                     "requests get 503 while in-flight ones finish (up to --drain-timeout-s).",
     )
     ServerConfig.add_arguments(serve)
+    worker = sub.add_parser(
+        "worker", help="serve the engine over gRPC to gateways, registered in etcd",
+        description="Load the model as `tessera serve` does and serve it over gRPC (Generate, Abort, Stats, "
+                    "KvEvents, grpc.health.v1) on --grpc-port; with --etcd, register under a lease. Takes "
+                    "serve's settings; the scale-out ones are marked 'worker:'. SIGTERM leaves the registry, "
+                    "then drains.")
+    ServerConfig.add_arguments(worker)
+    gateway = sub.add_parser(
+        "gateway", help="the HTTP API in front of the workers registered in etcd",
+        description="The OpenAI API, auth, rate limits and guardrails of `tessera serve`, without an engine: "
+                    "requests go to the workers found in etcd (--etcd), by KV-aware cost within pools chosen "
+                    "by weight. Takes serve's settings; the scale-out ones are marked 'gateway:'.")
+    ServerConfig.add_arguments(gateway)
 
     _add_client(sub, "complete", "stream one completion from a server").add_argument("prompt", help="prompt text")
     chat = _add_client(sub, "chat", "chat with a server interactively, streaming the answers")
@@ -134,6 +147,20 @@ def _serve(args: argparse.Namespace) -> int:
     except KMSError as e:
         print(f"tessera serve: error: {e}", file=sys.stderr)
         return 2
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from serving.config import ServerConfig
+    from serving.worker import worker_main
+
+    return worker_main(ServerConfig.from_sources(args))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from serving.config import ServerConfig
+    from serving.gateway import gateway_main
+
+    return gateway_main(ServerConfig.from_sources(args))
 
 
 def _models_signing(args: argparse.Namespace) -> int:
@@ -292,7 +319,8 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "login": _login,
+    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
+               "gateway": _gateway, "login": _login,
                "logout": _logout}.get(args.command, _client_command)
     if args.command == "models" and args.models_command:
         handler = _models_signing

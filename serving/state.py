@@ -26,6 +26,9 @@ class ServerState:
     metrics: Any | None = None
     guardrails: Any | None = None
     """`serving.guardrails.Guardrails` from --guardrails; None: no guardrails."""
+    cluster: Any | None = None
+    """`tessera gateway`'s view of its workers (serving/gateway.py `GatewayEngine`: `loads()` for
+    the autoscale hints); None in `tessera serve`, whose one engine is the whole cluster."""
     started: float = field(default_factory=time.time)
     admission: Admission = field(init=False)
     recent: RecentRequests = field(init=False)
