@@ -45,17 +45,17 @@ def build_ui_state(config) -> UIState:
     return UIState(SessionStore(), TranscriptStore(config.ui_transcripts_dir), oidc)
 
 
-def ui_route_handlers(ui: UIState) -> list:
+def ui_route_handlers() -> list:
     pages = Router("/", route_handlers=[LoginController, LiveController, HealthController, AuditController,
                                         UIApiController, PlaygroundController, TranscriptsApiController,
                                         PlaybackController],
-                   middleware=[DefineMiddleware(UIMiddleware, ui=ui)], guards=[check_csrf],
+                   middleware=[DefineMiddleware(UIMiddleware)], guards=[check_csrf],
                    exception_handlers={APIError: _api_error, HTTPException: _http_error,
                                        ValidationException: _http_error, Exception: _unexpected},
                    include_in_schema=False)
     static = create_static_files_router("/ui/static", directories=[STATIC_DIR], opt=needs(PUBLIC),
                                         include_in_schema=False, send_as_attachment=False,
-                                        middleware=[DefineMiddleware(UIMiddleware, ui=ui)])
+                                        middleware=[DefineMiddleware(UIMiddleware)])
     return [pages, static]
 
 

@@ -29,7 +29,7 @@ HTMX_CONFIG = json.dumps({
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("serving.ui", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             trim_blocks=True, lstrip_blocks=True)
     env.filters["ago"] = lambda seconds: f"{seconds:.1f} s"
     return env
 

@@ -16,7 +16,8 @@ import time
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, Empty, Receive, Scope, Send
+from litestar.utils.scope.state import ScopeState
 
 from serving.errors import APIError
 from serving.ui.sessions import COOKIE, COOKIE_PATH, Session
@@ -49,8 +50,8 @@ def replace_session(connection: ASGIConnection, session: Session) -> None:
 
 
 class UIMiddleware:
-    def __init__(self, app: ASGIApp, ui):
-        self.app, self.ui = app, ui
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,15 +62,18 @@ class UIMiddleware:
             return
         state = scope.setdefault("state", {})
         presented = _cookie(scope, COOKIE)
-        session = self.ui.sessions.get(presented)
+        # Read from the app at each call: Litestar copies a router's middleware arguments.
+        sessions = scope["litestar_app"].state["ui"].sessions
+        session = sessions.get(presented)
         if session is not None and session.credentials_expired(time.time()):
             session.authorization = session.expires_at = None  # the token ran out: log in again
         if session is None:
-            session = self.ui.sessions.new()
+            session = sessions.new()
         state[SESSION_KEY] = session
         headers = list(scope.get("headers", ()))
         if session.authorization and not any(name == b"authorization" for name, _ in headers):
             scope["headers"] = [*headers, (b"authorization", session.authorization.encode("latin-1"))]
+            ScopeState.from_scope(scope).headers = Empty  # Litestar caches the parsed headers per request
             state[COOKIE_AUTH_KEY] = True
         elif not any(name == b"authorization" for name, _ in headers):
             state[COOKIE_AUTH_KEY] = True  # anonymous: the browser's session is all there is
