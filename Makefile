@@ -38,7 +38,8 @@ lock:
 test: install test-services
 	$(PY) -m pytest -q
 
-# What the tests start or call themselves: redis-server, etcd (etcd-server) and curl (Debian's), and oidc-provider under node
+# What the tests start or call themselves: redis-server, etcd (etcd-server), curl and chromium (Debian's;
+# Playwright drives /usr/bin/chromium, its own browser download is not used), and oidc-provider under node
 # (npm, into tests/integration/oidc/node_modules). Skipped when already there.
 OIDC_DIR := tests/integration/oidc
 .PHONY: test-services
@@ -49,6 +50,8 @@ test-services: $(OIDC_DIR)/node_modules/.installed
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
 	@command -v curl >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 $(OIDC_DIR)/node_modules/.installed: $(OIDC_DIR)/package-lock.json
 	@command -v npm >/dev/null || { apt-get update -qq && \

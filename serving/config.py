@@ -127,6 +127,16 @@ class ServerConfig:
                                                  "'10.0.0.0/8,127.0.0.1'; unset: none")
     kms: str | None = _setting(None, "KMS for data keys: local:PATH (a 32-byte key file) or "
                                      "aws-kms:KEY[?region=R&endpoint=URL]")
+    # -- admin UI (/ui) --------------------------------------------------------------------------
+    ui: bool = _setting(True, "serve the admin web UI under /ui (same auth and scopes as the API)")
+    ui_oidc_client_id: str | None = _setting(
+        None, "client id the UI logs in with at oidc_issuer (authorization code + PKCE, a public client whose "
+              "redirect URI is <server>/ui/login/callback); unset: the UI takes API keys only")
+    ui_oidc_scopes: str = _setting("openid read generate", "scopes the UI's OIDC login asks for")
+    ui_oidc_resource: str | None = _setting(None, "resource indicator (RFC 8707) the UI's login asks for, "
+                                                  "when the issuer needs one to set the token's audience")
+    ui_transcripts_dir: str | None = _setting(None, "where playground transcripts are saved (one folder per "
+                                                    "caller); default: ~/.local/share/tessera/transcripts")
 
     # -- scale-out: `tessera worker` and `tessera gateway` (BUILD_NOTES "Scale-out") ----------------
     etcd: str | None = _setting(None, "etcd client endpoint host:port: workers register there, gateways discover them")
@@ -201,6 +211,8 @@ class ServerConfig:
         _require(self.jwt_leeway_s >= 0, "jwt_leeway_s", self.jwt_leeway_s, "must be >= 0")
         parse_tenant_limits(self.tenant_rate_limits)
         parse_scopes(self.workload_scopes)
+        _require(not self.ui_oidc_client_id or bool(self.oidc_issuer), "ui_oidc_client_id", self.ui_oidc_client_id,
+                 "needs oidc_issuer")
         self._check_trust()
 
     def _check_trust(self) -> None:

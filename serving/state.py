@@ -11,6 +11,7 @@ from runtime.engine_client import EngineClient
 from serving.admission import Admission
 from serving.config import ServerConfig
 from serving.errors import APIError
+from serving.in_flight import InFlight
 from serving.records import RecentRequests
 from serving.tokenizer_pool import TokenizerPool
 
@@ -32,6 +33,8 @@ class ServerState:
     started: float = field(default_factory=time.time)
     admission: Admission = field(init=False)
     recent: RecentRequests = field(init=False)
+    in_flight: InFlight = field(default_factory=InFlight)
+    """Generation requests holding a seat, for the admin UI's Live page."""
 
     def __post_init__(self):
         self.recent = RecentRequests(self.config.debug_requests, with_text=self.config.log_prompts)
