@@ -82,10 +82,7 @@ class AsyncEngine:
 
     @property
     def limits(self) -> RequestLimits:
-        engine, config = self.engine, self.engine.config
-        return RequestLimits(engine.max_model_len, engine.model.cfg.vocab_size, engine.blocks.num_blocks,
-                             config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                             config.enable_chunked_prefill, frozenset(engine.eos_token_ids))
+        return self.engine.limits
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
+from runtime.request_limits import RequestLimits, check_request
 from runtime.runner import InFlightStep, Runner
 from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 
@@ -121,6 +122,14 @@ class Engine:
         engine.generation_defaults = generation_defaults(model_dir)
         return engine
 
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request must fit; a remote client gets them in the worker's handshake."""
+        config = self.config
+        return RequestLimits(self.max_model_len, self.model.cfg.vocab_size, self.blocks.num_blocks,
+                             config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                             config.enable_chunked_prefill, frozenset(self.eos_token_ids))
+
     def _blocks_for_memory(self, config: EngineConfig) -> int:
         cfg = self.model.cfg
         per_block = 2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
@@ -181,33 +190,7 @@ class Engine:
     ) -> Request:
         """A checked request, not yet queued. Raises ValueError naming the bad field."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        vocab = self.model.cfg.vocab_size
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:  # before the per-token scan: a huge prompt costs one len()
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens and the "
-                f"model's context is {self.max_model_len} tokens"
-            )
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids={bad} are outside the vocabulary [0, {vocab})")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} is larger than max_num_seqs={self.config.max_num_seqs}")
-        pages = -(-(len(ids) + params.max_tokens) // self.config.block_size)
-        if pages > self.blocks.num_blocks:
-            raise ValueError(
-                f"prompt plus max_tokens needs {pages} KV cache pages; the cache has {self.blocks.num_blocks}"
-            )
-        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, more than max_num_batched_tokens={self.config.max_num_batched_tokens} "
-                "with chunked prefill off"
-            )
+        check_request(ids, params, self.limits)
         return Request(
             request_id=request_id or f"req-{next(_request_ids)}",
             prompt_token_ids=ids,

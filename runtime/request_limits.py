@@ -2,7 +2,7 @@
 
 An engine's limits (context, vocabulary, cache pages, batch) travel to a remote client in the
 worker's handshake, so a gateway refuses a bad request with the same message the engine would,
-before anything is queued or a stream has begun. The messages are `Engine.make_request`'s.
+before anything is queued or a stream has begun. `Engine.make_request` checks with it too.
 """
 
 from __future__ import annotations
