@@ -66,6 +66,9 @@ def serving_section(folder: Path) -> list[str]:
             )
         if ours is None:
             out.append(f"| {shape} | tessera | no result (see the log) | | | | | | |")
+        if ours and "decode_tps_series" in ours:
+            ratios.append(f"{shape}: batch-1 decode overlapped {ours['decode_tps']:.1f} tok/s, in series "
+                          f"{ours['decode_tps_series']:.1f} tok/s ({ours['decode_tps'] / ours['decode_tps_series']:.2f}x)")
         if ours and peer:
             ratios.append(
                 f"{shape}: Tessera / transformers: TTFT P50 {_pct(peer['ttft_s'], 50) / _pct(ours['ttft_s'], 50):.2f}x "

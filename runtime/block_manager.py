@@ -213,6 +213,8 @@ class BlockManager:
         """Make `seq` own enough blocks for `num_tokens` tokens; False (and no change) if the
         pool is short. `cached` is a prefix from `find_cached_prefix`, for a sequence that
         owns no blocks yet."""
+        if not cached and len(seq.block_ids) * self.block_size >= num_tokens:
+            return True  # a decode inside its last page: the common case, nothing to take
         if not self.can_allocate(seq, num_tokens, cached):
             return False
         if cached:

@@ -207,17 +207,23 @@ class Runner:
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
         block_tables, context_lens, query_start = f["block_tables"], f["context_lens"], f["query_start"]
         at = 0
+        bs = self.block_size
         for row, chunk in enumerate(out.chunks):
-            seq, n = chunk.seq, chunk.num_tokens
-            span = np.arange(chunk.start, chunk.start + n)
-            table = np.asarray(seq.block_ids, np.int32)
-            tokens[at : at + n] = seq.token_ids[chunk.start : chunk.start + n]
+            seq, n, start = chunk.seq, chunk.num_tokens, chunk.start
+            table = seq.block_ids
+            if n == 1:  # a decode: plain indexing, no temporary arrays
+                tokens[at] = seq.token_ids[start]
+                positions[at] = start
+                slots[at] = table[start // bs] * bs + start % bs
+            else:
+                span = np.arange(start, start + n)
+                tokens[at : at + n] = seq.token_ids[start : start + n]
+                positions[at : at + n] = span
+                slots[at : at + n] = np.asarray(table, np.int32)[span // bs] * bs + span % bs
             if tokens[at + n - 1] == PENDING_TOKEN:  # drawn by the step still on the device
                 if previous is None or seq.seq_id not in previous.rows:
                     raise RuntimeError(f"sequence {seq.seq_id} waits on a token no step in flight draws")
                 from_previous[at + n - 1] = previous.rows[seq.seq_id]
-            positions[at : at + n] = span
-            slots[at : at + n] = table[span // self.block_size] * self.block_size + span % self.block_size
             block_tables[row, : len(table)] = table
             context_lens[row] = chunk.start + n
             at += n

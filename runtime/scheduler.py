@@ -182,9 +182,10 @@ class Scheduler:
 
     def _ends_with_pending_token(self, seq: Sequence) -> bool:
         """Whether the token still on the device is the sequence's last by length."""
+        if not seq.num_pending_tokens:
+            return False
         drawn = seq.num_tokens - seq.num_prompt_tokens
-        return seq.num_pending_tokens > 0 and (
-            drawn >= seq.request.params.max_tokens or seq.num_tokens >= self.limits.max_model_len)
+        return drawn >= seq.request.params.max_tokens or seq.num_tokens >= self.limits.max_model_len
 
     def _may_admit(self, seq: Sequence) -> bool:
         if seq.num_pending_tokens:
