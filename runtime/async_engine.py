@@ -200,10 +200,12 @@ class AsyncEngine:
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
                     continue
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                # The snapshot first: a consumer that reads stats() after its last output sees this step.
+                self._report_step(self.engine.counters.last_step_tokens)
+                for output in outputs:
                     self._deliver(output.request_id, output)
                     self._report_finished(output)
-                self._report_step(self.engine.counters.last_step_tokens)
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
             log.exception("engine loop failed; the engine is dead")
             audit_event("engine.fault", "failure", actor="system", object=f"model:{self.engine.config.model_id}",

@@ -29,6 +29,7 @@ ROUTES = {
     ("GET", "/ready"): ("/ready", None, 200),
     ("GET", "/version"): ("/version", None, 200),
     ("GET", "/metrics"): ("/metrics", None, 200),
+    ("GET", "/v1/autoscale"): ("/v1/autoscale", None, 200),
     ("GET", "/debug/requests"): ("/debug/requests", None, 200),
     ("GET", "/auth/whoami"): ("/auth/whoami", None, 200),
     ("GET", "/admin/keys"): ("/admin/keys", None, 200),
