@@ -79,18 +79,20 @@ class Stream:
 # -- a lean streaming client ----------------------------------------------------------------
 
 
-async def stream_once(host: str, port: int, path: str, body: dict, deadline: float) -> Stream:
+async def stream_once(host: str, port: int, path: str, body: dict, deadline: float,
+                      headers: dict[str, str] | None = None, tls: bool = False) -> Stream:
     """POST with `stream: true` and usage in every chunk; each chunk with text is one arrival.
     At `deadline` the connection is dropped (the server aborts the request): only tokens that
-    arrived by then count."""
+    arrived by then count. `headers` are sent as given (e.g. Authorization)."""
     result = Stream(start=time.perf_counter())
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=True if tls else None)
     except OSError as e:
         return Stream(ok=False, error=f"connect: {e}")
     try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
         status = int((await _before(reader.readline(), deadline)).split()[1])
         while (await _before(reader.readline(), deadline)) not in (b"\r\n", b""):
