@@ -100,9 +100,10 @@ audit: install $(RELEASE_STAMP)
 	$(RPY) -m ops.licence_audit --title "release tools (.venv-release)" --report dist/licences-release-tools.md
 	cat dist/licences-main.md dist/licences-release-tools.md > dist/licences.md
 
-# The extras the lock does not install (train, perf, replay, cuda12), resolved from PyPI without
-# installing (pip's installation report carries each distribution's metadata). Needs the network.
-AUDIT_EXTRAS ?= train perf replay cuda12
+# The extras the lock does not install, resolved from PyPI without installing (pip's installation
+# report carries each distribution's metadata). Needs the network. cuda12 is left out: NVIDIA's
+# CUDA wheels are proprietary (LicenseRef-NVIDIA-Proprietary), a decision for a person (BUILD_NOTES).
+AUDIT_EXTRAS ?= train perf replay
 audit-extras: install
 	mkdir -p dist
 	for extra in $(AUDIT_EXTRAS); do \

@@ -163,10 +163,12 @@ def build_model() -> Path:
     return MODEL_DIR
 
 
-def start_server(port: int, flags: list[str], tree: Path = REPO) -> subprocess.Popen:
-    """`tessera serve` from the checkout at `tree` (this one by default), once it is ready."""
+def start_server(port: int, flags: list[str], tree: Path = REPO,
+                 launcher: tuple[str, ...] = ("-m", "serving.cli")) -> subprocess.Popen:
+    """`tessera serve` from the checkout at `tree` (this one by default), once it is ready.
+    `launcher` runs it another way (e.g. perf.replay.slowed_serve with its flags)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "TESSERA_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port), *flags],
+    process = subprocess.Popen([sys.executable, *launcher, "serve", "--port", str(port), *flags],
                                cwd=tree, env=env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:

@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-baseline", metavar="PATH", help="record this run as a baseline file")
     p.add_argument("--machine-class", help="machine class named in --write-baseline (default: from the CPU model)")
     p.add_argument("--write-trace", metavar="PATH", help="also write the prepared slice as Mooncake JSONL")
+    p.add_argument("--note", help="a line for the report, e.g. the server's flags")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for label, url, target in parsed:
         runs.append(_one_run(label, url, target, requests, prompts, args, slos))
     machine = machine_info()
-    result = dict(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine,
+    result = dict(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine, note=args.note,
                   workload=workload, trace=_trace_summary(requests, trace_path, window, args.block_tokens), runs=runs)
     exit_code = 0
     if baseline:
@@ -127,7 +128,7 @@ def _one_run(label, url, target, requests, prompts, args, slos) -> dict:
     if before and after and after[1] > before[1]:
         summary["prefix_cache_hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])
     return dict(label=label, url=url, metrics=summary, cdf=metrics.cdf_points(outcomes),
-                series=metrics.throughput_series(outcomes, duration))
+                series=metrics.throughput_series(outcomes, duration, bin_s=max(1.0, round(duration / 100))))
 
 
 def _token_range(text: str) -> tuple[int, int]:
@@ -173,7 +174,7 @@ def _trace_summary(requests, path: Path, window: trace.Slice, block_tokens: int)
     if totals["with_prefix_blocks"]:
         reuse = trace.ideal_prefix_reuse(requests, block_tokens)
         prefix = (f"Mooncake hash ids as shared {block_tokens}-token prefix blocks; at most "
-                  f"{reuse:.0%} of prompt tokens can come from the prefix cache")
+                  f"{reuse:.1%} of prompt tokens can come from the prefix cache")
     else:
         prefix = "no shared prefixes (each prompt drawn on its own)"
     return dict(name=path.name, slice=f"trace seconds {window.start_s:g}-{end}, speed x{window.speed:g}{clip}",

@@ -34,6 +34,8 @@ def markdown(report: dict) -> str:
              f"Workload: {report['trace']['requests']} requests over {report['trace']['span_s']:.1f} s of arrivals, "
              f"{report['trace']['input_tokens']:,} prompt and {report['trace']['output_tokens']:,} output tokens asked; "
              f"{report['trace']['prefix']}.", ""]
+    if report.get("note"):
+        lines += [report["note"], ""]
     for run in report["runs"]:
         lines += _run_tables(run)
     if report.get("comparison"):
@@ -60,6 +62,9 @@ def _run_tables(run: dict) -> list[str]:
         s = m[name]
         lines.append(f"| {NAMES[name]} | {_ms(s['mean_ms'])} | "
                      + " | ".join(_ms(s[f'p{p}_ms']) for p in PERCENTILES) + f" | {s['count']} |")
+    if m.get("prefix_cache_hit_rate") is not None:
+        lines += ["", f"Server prefix cache hit rate over the run (tessera:prefix_cache_hits / queries): "
+                      f"{m['prefix_cache_hit_rate']:.1%}"]
     if m["first_errors"]:
         lines += ["", "Errors (first kinds): " + "; ".join(f"`{e}`" for e in m["first_errors"])]
     return lines + [""]
