@@ -85,7 +85,7 @@ def compare(candidate: dict, reference: dict | None, baseline: dict, baseline_pa
     rows, regressed = [], []
     for name, tolerance in baseline["tolerance"].items():
         higher_is_better = METRICS[name][1]
-        ours, theirs = figure(candidate, name), reference_figures[name]
+        ours, theirs = (math.nan if v is None else v for v in (figure(candidate, name), reference_figures[name]))
         ratio = ours / theirs if theirs else math.inf
         if math.isnan(ours) or math.isnan(theirs):
             bad = not math.isnan(theirs)  # a figure the reference has and we lost is a regression

@@ -16,15 +16,22 @@ NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2, sort_keys=True, default=_nan_safe) + "\n", encoding="utf-8")
+    """Strict JSON: a figure that has no value (NaN: no samples) is written as null."""
+    path.write_text(json.dumps(_strict(report), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _nan_safe(value):
-    raise TypeError(f"not JSON: {value!r}")
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
-def _ms(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:,.1f}"
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
 
 
 def markdown(report: dict) -> str:
@@ -74,7 +81,7 @@ def comparison_table(comparison: dict) -> list[str]:
     lines = [f"### Regression check against `{comparison['baseline']}` ({comparison['basis']})", "",
              "| metric | candidate | reference | ratio | allowed | verdict |", "|---|---|---|---|---|---|"]
     for row in comparison["rows"]:
-        lines.append(f"| {row['metric']} | {row['candidate']:.2f} | {row['reference']:.2f} | {row['ratio']:.2f} | "
+        lines.append(f"| {row['metric']} | {_ms(row['candidate'])} | {_ms(row['reference'])} | {_ms(row['ratio'])} | "
                      f"{row['allowed']} | {'REGRESSED' if row['regressed'] else 'ok'} |")
     verdict = "FAIL: " + ", ".join(comparison["regressed"]) if comparison["regressed"] else "pass"
     return lines + ["", f"Verdict: **{verdict}**", ""]

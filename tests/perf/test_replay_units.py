@@ -205,3 +205,19 @@ def test_target_urls():
 def test_bad_input_gets_a_clear_error(argv, message, capsys, tmp_path):
     assert tessera([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_prepared_slice_round_trips_as_mooncake_jsonl(tmp_path):
+    chosen = trace.select(trace.load(MOONCAKE), trace.Slice(duration_s=10, speed=2, clip_context=600, clip_output=50))
+    trace.write_mooncake(chosen, tmp_path / "slice.jsonl")
+    again = trace.load(tmp_path / "slice.jsonl")
+    assert [(r.input_tokens, r.output_tokens) for r in again] == [(r.input_tokens, r.output_tokens) for r in chosen]
+    assert [r.arrival_s for r in again] == pytest.approx([r.arrival_s for r in chosen], abs=1e-3)  # written in whole ms
+    assert all(len(r.hash_ids) == 2 for r in again)  # 550 prompt tokens at most: two 512-token blocks
+
+
+def test_the_json_report_is_strict(tmp_path):
+    from perf.replay import report
+
+    report.write_json({"ttft": {"p50_ms": math.nan}, "ratio": math.inf, "ok": [1.5]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"ttft": {"p50_ms": None}, "ratio": None, "ok": [1.5]}
