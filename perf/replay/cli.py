@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from perf.replay import compare as regression
     from perf.replay import metrics, report
     from perf.replay.client import Target
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     window = trace.Slice(args.start, args.duration, args.speed, args.clip_context, args.clip_output, args.max_requests)
     token_range = _token_range(args.token_range)
     if args.block_tokens < 1:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for label, url, target in parsed:
         runs.append(_one_run(label, url, target, requests, prompts, args, slos))
     machine = machine_info()
-    result = dict(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine, note=args.note,
+    result = dict(started_at=started, machine=machine, note=args.note,
                   workload=workload, trace=_trace_summary(requests, trace_path, window, args.block_tokens), runs=runs)
     exit_code = 0
     if baseline:
