@@ -38,15 +38,20 @@ lock:
 test: install test-services
 	$(PY) -m pytest -q
 
-# What the tests start or call themselves: redis-server and curl (Debian's), and oidc-provider under node
+# What the tests start or call themselves: redis-server, etcd (etcd-server), curl and chromium (Debian's;
+# Playwright drives /usr/bin/chromium, its own browser download is not used), and oidc-provider under node
 # (npm, into tests/integration/oidc/node_modules). Skipped when already there.
 OIDC_DIR := tests/integration/oidc
 .PHONY: test-services
 test-services: $(OIDC_DIR)/node_modules/.installed
 	@command -v redis-server >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+	@command -v etcd >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
 	@command -v curl >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 $(OIDC_DIR)/node_modules/.installed: $(OIDC_DIR)/package-lock.json
 	@command -v npm >/dev/null || { apt-get update -qq && \
@@ -59,6 +64,12 @@ $(OIDC_DIR)/node_modules/.installed: $(OIDC_DIR)/package-lock.json
 # Talk to it with `.venv/bin/tessera chat`.
 serve: install
 	$(VENV)/bin/tessera serve --host 127.0.0.1 --port 8000
+
+# The worker's gRPC stubs (serving/rpc/*_pb2*.py) are checked in; this remakes them from the .proto
+# with the locked grpcio-tools (run from the root, so the stubs import each other as serving.rpc.*).
+.PHONY: protos
+protos: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. serving/rpc/tessera.proto
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

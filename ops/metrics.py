@@ -223,3 +223,41 @@ class TesseraMetrics:
     def render(self) -> tuple[bytes, str]:
         """The body of GET /metrics and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    """`tessera gateway`'s own series, in the registry of its TesseraMetrics (one /metrics)."""
+
+    ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+
+    def __init__(self, registry: CollectorRegistry, model_name: str):
+        r, m = registry, [model_name]
+        self.routing_seconds = Histogram(PREFIX + "gateway_routing_seconds", "Time to choose a worker for a request.",
+                                         ["model_name"], buckets=self.ROUTING_BUCKETS, registry=r).labels(*m)
+        self.retries = Counter(PREFIX + "gateway_retries", "Requests sent to another worker after theirs was lost "
+                               "before the first token.", ["model_name"], registry=r).labels(*m)
+        self.stream_errors = Counter(PREFIX + "gateway_stream_errors", "Streams ended with an error event: their "
+                                     "worker was lost after the first token.", ["model_name"], registry=r).labels(*m)
+        self.requests = Counter(PREFIX + "gateway_requests", "Requests finished, by the pool and worker that ran them.",
+                                ["pool", "worker"], registry=r)
+        self.worker_saturation = Gauge(PREFIX + "worker_saturation", "max(requests / max_num_seqs, KV cache usage) "
+                                       "of each worker.", ["pool", "worker"], registry=r)
+        self.pool_saturation = Gauge(PREFIX + "pool_saturation", "Mean worker saturation of each pool.", ["pool"],
+                                     registry=r)
+        self.pool_queue_depth = Gauge(PREFIX + "pool_queue_depth", "Requests waiting on the pool's workers.", ["pool"],
+                                      registry=r)
+        self.desired_replicas = Gauge(PREFIX + "autoscale_desired_replicas", "Replicas each pool should have "
+                                      "(GET /v1/autoscale).", ["pool"], registry=r)
+        self.stale = Gauge(PREFIX + "autoscale_stale", "1 when a pool's numbers are too old to trust (the hint "
+                           "then never scales down).", ["pool"], registry=r)
+
+    def report(self, hints: dict) -> None:
+        """From the body of GET /v1/autoscale (serving/autoscale.py); gone workers' series are dropped."""
+        self.worker_saturation.clear()
+        for worker_id, w in hints["workers"].items():
+            self.worker_saturation.labels(w["pool"], worker_id).set(w["saturation"])
+        for pool, p in hints["pools"].items():
+            self.pool_saturation.labels(pool).set(p["saturation"])
+            self.pool_queue_depth.labels(pool).set(p["queue_depth"])
+            self.desired_replicas.labels(pool).set(p["desired_replicas"])
+            self.stale.labels(pool).set(1 if p["stale"] else 0)

@@ -1,9 +1,11 @@
 """Tessera's engine beside transformers and llama.cpp, in one run, on one machine.
 
 A random checkpoint with SmolLM2-135M's shapes, float32 and 16-bit weights. Prints one
-table: batch-1 decode tok/s with achieved GB/s against the measured read bandwidth,
-aggregate tok/s of 16 concurrent requests (128 prompt + 128 new tokens), time to first
-token of a 2,048-token prompt, and Tessera's ratio to each peer.
+table: batch-1 decode tok/s with achieved GB/s against the measured read bandwidth, the
+engine's host time per decode step, aggregate tok/s of 16 concurrent requests (128 prompt +
+128 new tokens), time to first token of a 2,048-token prompt, and Tessera's ratio to each
+peer. Tessera runs twice on one compiled engine: overlapped scheduling on (the default) and
+off ("tessera, in series").
 
     .venv/bin/python perf/bench_engine.py [--skip-llama-cpp] [--out perf/results/engine_cpu.md]
 
@@ -45,6 +47,7 @@ class Row:
     decode_tps: float = float("nan")
     concurrent_tps: float = float("nan")
     ttft_s: float = float("nan")
+    host_ms: float = float("nan")  # engine host time per batch-1 decode step (not waiting on the device)
 
 
 # -- the machine ---------------------------------------------------------------------------
@@ -130,7 +133,8 @@ def bench_transformers(folder: Path, dtype: str) -> Row:
 # -- Tessera ---------------------------------------------------------------------------------
 
 
-def bench_tessera(folder: Path, dtype: str) -> Row:
+def bench_tessera(folder: Path, dtype: str) -> list[Row]:
+    """Rows with overlapped scheduling on, then off, from one compiled engine."""
     from runtime.config import EngineConfig
     from runtime.engine import Engine
     from runtime.request import SamplingParams
@@ -145,20 +149,26 @@ def bench_tessera(folder: Path, dtype: str) -> Row:
     )
     print(f"  tessera {dtype}: warm-up compiled in {engine.warm_up():.1f}s", file=sys.stderr)
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-
     run = functools.partial(step_marks, engine)
-
-    decode = []
-    for seed in range(3):
-        marks = run(prompts(1, PROMPT, 10 + seed), params)
-        decode.append((len(marks) - 1) / (marks[-1] - marks[0]))
-    row = Row("tessera", dtype, decode_tps=statistics.median(decode))
-    marks = run(prompts(CONCURRENT, PROMPT, 2), params)
-    row.concurrent_tps = CONCURRENT * NEW / marks[-1]
-    one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    ttfts = [run(prompts(1, LONG_PROMPT, 20 + i), one_token)[0] for i in range(3)]
-    row.ttft_s = statistics.median(ttfts)
-    return row
+    rows = []
+    for overlap in (True, False):
+        engine.config.async_scheduling = overlap
+        decode, host = [], []
+        for seed in range(3):
+            c = engine.counters
+            steps, busy, waited = c.steps, c.engine_seconds, c.device_wait_seconds
+            marks = run(prompts(1, PROMPT, 10 + seed), params)
+            decode.append((len(marks) - 1) / (marks[-1] - marks[0]))
+            host.append(1e3 * ((c.engine_seconds - busy) - (c.device_wait_seconds - waited)) / (c.steps - steps))
+        row = Row("tessera" if overlap else "tessera, in series", dtype, decode_tps=statistics.median(decode),
+                  host_ms=statistics.median(host))
+        marks = run(prompts(CONCURRENT, PROMPT, 2), params)
+        row.concurrent_tps = CONCURRENT * NEW / marks[-1]
+        one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        ttfts = [run(prompts(1, LONG_PROMPT, 20 + i), one_token)[0] for i in range(3)]
+        row.ttft_s = statistics.median(ttfts)
+        rows.append(row)
+    return rows
 
 
 # -- llama.cpp -------------------------------------------------------------------------------
@@ -200,22 +210,28 @@ def table(rows: list[Row], bandwidth: float, model_bytes: dict[str, float]) -> s
         f"machine: {cpu_model()}, {os.cpu_count()} threads, measured read bandwidth "
         f"{bandwidth:.1f} GB/s (an XLA reduction over 1 GiB, all cores)",
         "",
-        "| engine | weights | batch-1 decode tok/s | GB/s (% of bandwidth) | 16 concurrent tok/s | TTFT 2048 s |",
-        "|---|---|---|---|---|---|",
+        "| engine | weights | batch-1 decode tok/s | GB/s (% of bandwidth) | host ms/step | 16 concurrent tok/s "
+        "| TTFT 2048 s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gbs = model_bytes[r.weights] * r.decode_tps / 1e9
         lines.append(
             f"| {r.engine} | {r.weights} | {r.decode_tps:.1f} | {gbs:.1f} ({100 * gbs / bandwidth:.0f}%) | "
-            f"{r.concurrent_tps:.1f} | {r.ttft_s:.3f} |"
+            f"{'' if r.host_ms != r.host_ms else f'{r.host_ms:.2f}'} | {r.concurrent_tps:.1f} | {r.ttft_s:.3f} |"
         )
     lines += ["", "Ratios (Tessera / peer; decode and concurrent higher is better, TTFT lower is better):", ""]
     tessera = {r.weights: r for r in rows if r.engine == "tessera"}
+    for r in rows:
+        mine = tessera.get(r.weights)
+        if r.engine == "tessera, in series" and mine is not None:
+            lines.append(f"- tessera {r.weights}, overlapped vs in series: decode {mine.decode_tps / r.decode_tps:.2f}x, "
+                         f"16 concurrent {mine.concurrent_tps / r.concurrent_tps:.2f}x")
     pairs = {"float32": ["float32", "f32"], "bfloat16": ["bfloat16", "f16"]}
     for weights, peer_weights in pairs.items():
         mine = tessera.get(weights)
         for peer in rows:
-            if mine is None or peer.engine == "tessera" or peer.weights not in peer_weights:
+            if mine is None or peer.engine.startswith("tessera") or peer.weights not in peer_weights:
                 continue
             lines.append(
                 f"- tessera {weights} vs {peer.engine} {peer.weights}: decode {mine.decode_tps / peer.decode_tps:.2f}x, "
@@ -245,8 +261,8 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         if "tessera" in only:
-            rows.append(bench_tessera(folder, dtype))
-            print(rows[-1], file=sys.stderr, flush=True)
+            rows += bench_tessera(folder, dtype)
+            print(rows[-2:], file=sys.stderr, flush=True)
         if "transformers" in only:
             rows.append(bench_transformers(folder, dtype))
             print(rows[-1], file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ from runtime.engine import Engine, EngineStats
 from runtime.engine_client import EngineDeadError, EngineHealth, EngineStepError, KVEvent
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
+from runtime.request_limits import RequestLimits
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -78,6 +79,13 @@ class AsyncEngine:
     @property
     def generation_defaults(self) -> dict:
         return self.engine.generation_defaults
+
+    @property
+    def limits(self) -> RequestLimits:
+        engine, config = self.engine, self.engine.config
+        return RequestLimits(engine.max_model_len, engine.model.cfg.vocab_size, engine.blocks.num_blocks,
+                             config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                             config.enable_chunked_prefill, frozenset(engine.eos_token_ids))
 
     # -- lifecycle ------------------------------------------------------------------------
 

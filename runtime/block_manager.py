@@ -157,11 +157,12 @@ class BlockManager:
         self.stats.queries += num_queried
         self.stats.hits += num_hit
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Give keys to `seq`'s blocks that are now full of computed tokens."""
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Give keys to `seq`'s blocks that are full of its first `num_tokens` tokens (default: the
+        computed ones), whose K/V a step has written."""
         if not self.enable_prefix_caching:
             return
-        keys = self._full_block_keys(seq, seq.num_computed_tokens)
+        keys = self._full_block_keys(seq, seq.num_computed_tokens if num_tokens is None else num_tokens)
         runs: list[list[int]] = []  # indices of newly stored blocks, in contiguous runs
         for b, key in enumerate(keys):
             block = self._blocks[seq.block_ids[b]]

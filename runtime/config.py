@@ -23,6 +23,10 @@ class EngineConfig:
     """Split long prompts across steps, mixed with other sequences' decodes."""
     enable_prefix_caching: bool = True
     """Reuse KV pages of prompt prefixes seen before."""
+    async_scheduling: bool = True
+    """Plan and dispatch step N+1 before reading step N back (runtime/engine.py); off runs steps in series."""
+    """Plan and dispatch step N+1 before reading step N back (runtime/engine.py); off runs steps in series."""
+    """Reuse KV pages of prompt prefixes seen before."""
     max_kv_events: int = 10_000
     """KV cache events the block manager keeps until a consumer takes them; the oldest are dropped beyond."""
     token_buckets: tuple[int, ...] | None = None

@@ -1,7 +1,19 @@
 """The engine: requests in, one scheduled and computed step at a time, outputs out.
 
-    step():  scheduler.schedule() -> runner.run(batch) -> scheduler.postprocess(batch, tokens)
-             -> text and stop strings -> RequestOutput per request that made progress
+In series (`async_scheduling` off), each step():
+
+    schedule N -> dispatch N, commit -> read N back, complete -> text, stops -> outputs of N
+
+Overlapped (on, the default): the host plans and dispatches step N+1 before it reads step N
+back, so the device has the next step queued while the host detokenizes and streams; N's
+drawn tokens feed N+1 on the device (runtime/runner.py) and reach the host one step late:
+
+    schedule N+1 -> dispatch N+1, commit -> read N back, complete -> text, stops -> outputs of N
+
+A sequence that N finishes (EOS, stop string, max_tokens, abort) drops its token from N+1.
+Penalties need every output token on the host, so while a request with penalties runs, the
+step in flight is read back before the next is planned (runtime/scheduler.py has the
+commit/complete/rollback shape).
 
 A step that raises fails its own requests (outputs with `error` set) and the engine carries
 on; a fault that took the KV cache with it reinitialises the runner (runtime/faults.py).
@@ -27,7 +39,7 @@ from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
-from runtime.runner import Runner
+from runtime.runner import InFlightStep, Runner
 from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -43,7 +55,9 @@ class EngineCounters:
     computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     generation_tokens: int = 0
     finished_requests: int = 0
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0  # dispatch to read-back, summed over steps
+    engine_seconds: float = 0.0  # wall time inside step() calls that had work
+    device_wait_seconds: float = 0.0  # of it, the host blocked reading tokens back: the rest is host time
     last_step_tokens: int = 0  # tokens computed by the latest step (0 when it had nothing to do)
     step_faults: int = 0  # steps that raised; their requests failed
     reinitialisations: int = 0  # faults that took the KV cache with them (cache and step rebuilt)
@@ -93,6 +107,7 @@ class Engine:
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
+        self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
 
     @classmethod
     def from_model_dir(
@@ -228,35 +243,90 @@ class Engine:
         return self._request_output(request, outputs)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Work to step for: queued or running sequences, or a step in flight whose tokens someone
+        still waits for (one that only aborted sequences wait on is read back with the next)."""
+        flight = self._in_flight
+        return self.scheduler.num_unfinished > 0 or (
+            flight is not None and any(not c.seq.is_finished for c in flight.batch.chunks))
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        self.counters.last_step_tokens = batch.num_tokens
-        if batch.is_empty:
-            return []
-        self._note_scheduled(batch, time.monotonic())
-        try:
-            self.faults.before_step(self.runner.kv_cache)
-            outputs = self._run_step(batch)
-        except Exception as error:  # noqa: BLE001 - a step's fault is its requests' failure, not the engine's
-            return self._fail_step(batch, error)
+        started = time.perf_counter()
+        waited = self.counters.device_wait_seconds
+        outputs = self._step_overlapped() if self.config.async_scheduling else self._step_in_series()
+        if self.counters.last_step_tokens or outputs:
+            self.counters.engine_seconds += time.perf_counter() - started
+        else:  # an idle call: not part of any step's host time
+            self.counters.device_wait_seconds = waited
         self.counters.finished_requests += sum(o.finished for o in outputs)
         return outputs
 
-    def _run_step(self, batch: SchedulerOutput) -> list[RequestOutput]:
-        result = self.runner.run(batch)
-        grown = self.scheduler.postprocess(batch, result.tokens)
+    def _step_in_series(self) -> list[RequestOutput]:
+        batch = self._schedule()
+        if batch.is_empty:
+            return []
+        try:
+            return self._read_back(self._dispatch(batch, None))
+        except Exception as error:  # noqa: BLE001 - a step's fault is its requests' failure, not the engine's
+            return self._fail_step(batch, error)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and _needs_host_tokens(previous):
+            outputs += self._settle(previous, None)
+            previous = None
+        batch = self._schedule()
+        if not batch.is_empty:
+            try:
+                self._in_flight = self._dispatch(batch, previous)
+            except Exception as error:  # noqa: BLE001 - as in series; the step before it is still good
+                if previous is not None:
+                    outputs += self._settle(previous, None)
+                return outputs + self._fail_step(batch, error)
+        if previous is not None:
+            outputs += self._settle(previous, self._in_flight)
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        batch = self.scheduler.schedule()
+        self.counters.last_step_tokens = batch.num_tokens
+        if not batch.is_empty:
+            self._note_scheduled(batch, time.monotonic())
+        return batch
+
+    def _dispatch(self, batch: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep:
+        self.faults.before_step(self.runner.kv_cache)
+        flight = self.runner.dispatch(batch, previous)
+        self.scheduler.commit(batch)
+        return flight
+
+    def _settle(self, flight: InFlightStep, successor: InFlightStep | None) -> list[RequestOutput]:
+        """Read a step back; if that fails, fail its requests and undo the step dispatched after
+        it (which read its tokens on the device)."""
+        try:
+            return self._read_back(flight)
+        except Exception as error:  # noqa: BLE001 - a step's fault is its requests' failure
+            if successor is not None:
+                self.scheduler.rollback(successor.batch)
+                self._in_flight = None
+            return self._fail_step(flight.batch, error)
+
+    def _read_back(self, flight: InFlightStep) -> list[RequestOutput]:
+        self.faults.before_readback()
+        result = self.runner.collect(flight)
+        batch = flight.batch
+        grown = self.scheduler.complete(batch, result.tokens)
         self.counters.steps += 1
         self.counters.computed_tokens += batch.num_tokens
         self.counters.generation_tokens += len(grown)
         self.counters.step_seconds += result.seconds
+        self.counters.device_wait_seconds += result.wait_seconds
 
         by_request: dict[str, tuple[Request, list[CompletionOutput]]] = {}
-        for seq in grown:
-            out = self._sample_output(seq, result.logprobs.get(seq.seq_id))
+        for seq, token in grown:
+            out = self._sample_output(seq, token, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
         now = time.monotonic()
         for request, _ in by_request.values():
@@ -322,8 +392,7 @@ class Engine:
         timings.last_token_time = now
         timings.token_times.append(now)
 
-    def _sample_output(self, seq: Sequence, logprob) -> CompletionOutput:
-        token = seq.token_ids[-1]
+    def _sample_output(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
         text_state = self._texts[seq.seq_id]
         started = time.perf_counter()
         text, stop = text_state.add(token)
@@ -388,6 +457,13 @@ class Engine:
                         acc.logprobs = (acc.logprobs or []) + o.logprobs
                     acc.finish_reason, acc.stop_reason = o.finish_reason, o.stop_reason
         return done
+
+
+def _needs_host_tokens(flight: InFlightStep) -> bool:
+    """Whether a sequence of the step in flight needs its drawn tokens on the host before it can
+    be scheduled again (penalties count every output token)."""
+    return any(c.samples and c.seq.request.params.needs_logit_adjustment and not c.seq.is_finished
+               for c in flight.batch.chunks)
 
 
 def _named(request: Request) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from runtime.block_manager import AllBlocksCleared, BlockRemoved, BlockStored
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
+from runtime.request_limits import RequestLimits
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -57,6 +58,12 @@ class EngineClient(Protocol):
 
     @property
     def max_num_seqs(self) -> int: ...
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request must fit (context, vocabulary, cache pages, batch): a remote client
+        checks requests against the worker's limits before sending them."""
+        ...
 
     @property
     def generation_defaults(self) -> dict:

@@ -10,9 +10,11 @@ and says so (`/health` answers 503, so the orchestrator restarts the process).
 Fault injection is for tests only: `FaultInjector.arm()` refuses unless the process was
 started with TESSERA_FAULT_INJECTION=1.
 
-    "step"    the next step raises on the host; the cache is untouched
-    "device"  the next step deletes the cache, then raises (what a device fault leaves behind)
-    "dead"    every step and every recovery probe fails, until disarmed
+    "step"      the next step raises on the host; the cache is untouched
+    "device"    the next step deletes the cache, then raises (what a device fault leaves behind)
+    "readback"  the next step is dispatched, then reading its tokens back raises (a device error
+                that surfaces late; with overlapped scheduling the step after it is in flight)
+    "dead"      every step and every recovery probe fails, until disarmed
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import jax
 
 ENV_SWITCH = "TESSERA_FAULT_INJECTION"
-FAULT_KINDS = ("step", "device", "dead")
+FAULT_KINDS = ("step", "device", "readback", "dead")
 
 
 class InjectedFault(RuntimeError):
@@ -54,14 +56,20 @@ class FaultInjector:
         self._dead = False
 
     def before_step(self, kv_cache) -> None:
-        """Called by the engine inside each step, before the device runs it."""
-        if not (self._pending or self._dead):
+        """Called by the engine before each step is dispatched."""
+        if not self._dead and not (self._pending and self._pending[0] in ("step", "device")):
             return
         kind = "device" if self._dead else self._pending.pop(0)
         if kind == "device":
             for leaf in jax.tree.leaves(kv_cache):
                 leaf.delete()
         raise InjectedFault(f"injected {kind} fault")
+
+    def before_readback(self) -> None:
+        """Called by the engine before a dispatched step's tokens are read back."""
+        if self._pending and self._pending[0] == "readback":
+            self._pending.pop(0)
+            raise InjectedFault("injected readback fault")
 
     def before_probe(self) -> None:
         if self._dead:

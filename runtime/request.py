@@ -21,6 +21,7 @@ MAX_STOP_STRINGS = 16
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 MIN_REPETITION_PENALTY = 0.01  # positive logits are divided by it: a smaller one overflows float32 to inf
+PENDING_TOKEN = -1  # a drawn token still on the device (overlapped scheduling); never a vocabulary id
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's rule): 1/T would overflow float32 logits
 
 
@@ -130,14 +131,21 @@ _seq_ids = itertools.count()
 
 @dataclass(eq=False)
 class Sequence:
-    """One sample of a request: the token ids so far and where they live in the cache."""
+    """One sample of a request: the token ids so far and where they live in the cache.
+
+    With overlapped scheduling the last token may be PENDING_TOKEN: drawn by a step whose
+    result is still on the device. The scheduler plans with it (it is the next step's input)
+    and the engine writes the value in once the step is read back.
+    """
 
     request: Request
     index: int  # sample number within the request
     token_ids: list[int]
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or being written by a dispatched step
+    num_written_tokens: int = 0  # of those, written by a step already read back (what the prefix cache may share)
+    num_pending_tokens: int = 0  # trailing PENDING_TOKEN entries of token_ids (0 or 1)
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -150,15 +158,18 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens including a pending one: the length the next step computes at."""
         return len(self.token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """The drawn tokens known on the host."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending_tokens]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Drawn tokens known on the host (a pending one not counted)."""
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:

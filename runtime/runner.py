@@ -16,15 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Int
 
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
-from runtime.request import Sequence
+from runtime.request import PENDING_TOKEN, Sequence
 from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
 from runtime.scheduler import SchedulerOutput
+from runtime.step_inputs import NOT_ON_DEVICE, HostStepBuffers, StepLayout
 
 log = logging.getLogger(__name__)
 MIN_TOP_P = 1e-30  # a normal float32: keeps exactly the most likely token
@@ -35,25 +37,49 @@ def _step(
     state_def,  # treedef of the model state
     state_leaves: list[jax.Array],
     kv_cache: KVCache,
-    tokens: jax.Array,
-    positions: jax.Array,
-    md: AttentionMetadata,
-    logits_indices: jax.Array,
-    sampling: SamplingInputs,
+    packed: Int[Array, " size"],
+    previous_tokens: Int[Array, " max_rows"],
     adjustments: LogitAdjustments | None,
     *,
+    layout: StepLayout,
+    max_rows: int,
+    attention: str,
+    attention_mesh,
     summary_impl: str,
-) -> tuple[SampledTokens, KVCache]:
+) -> tuple[SampledTokens, Int[Array, " max_rows"], KVCache]:
+    """One step on the device. Tokens marked in `from_previous` are read from the previous
+    step's drawn tokens (still on the device: overlapped scheduling); the drawn tokens come back
+    twice, as the sampler's rows and padded to `max_rows` to feed the next step."""
+    f = layout.unpack(packed)
+    on_device = f["from_previous"] != NOT_ON_DEVICE
+    tokens = jnp.where(on_device, previous_tokens[jnp.where(on_device, f["from_previous"], 0)], f["tokens"])
+    md = AttentionMetadata(f["slots"], f["block_tables"], f["context_lens"], f["query_start"],
+                           backend=attention, mesh=attention_mesh)
+    sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
-    logits, kv_cache = compute_logits(graphdef, state, tokens, positions, kv_cache, md, logits_indices)
-    return sample_tokens(logits, sampling, adjustments, summary_impl), kv_cache
+    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"])
+    sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
+    next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
+    return sampled, next_tokens, kv_cache
 
 
 @dataclasses.dataclass
 class StepResult:
     tokens: dict[int, int]  # seq id -> drawn token, for chunks that sample
     logprobs: dict[int, tuple[float, list[int], list[float]]]  # seq id -> (chosen, top ids, top logprobs)
-    seconds: float
+    seconds: float  # from dispatch to the tokens on the host
+    wait_seconds: float = 0.0  # of those, the host blocked on the device
+
+
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step whose tokens are still on the device."""
+
+    batch: SchedulerOutput
+    sampled: SampledTokens
+    next_tokens: jax.Array  # drawn tokens by row, padded to max_num_seqs: the next step's input
+    rows: dict[int, int]  # seq id -> row, for the chunks that sample
+    dispatched_at: float
 
 
 class Runner:
@@ -76,11 +102,17 @@ class Runner:
         self._state_def = state_def
         self._summary_impl = plan.sampling
         self._warmed: list[tuple[int, bool]] = []  # (bucket, adjust) programs warm_up compiled
+        self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
+                         for b in token_buckets}
+        # What a step reads for tokens it takes from the device when the previous step drew none.
+        self._no_previous = jnp.zeros(max_num_seqs, jnp.int32)
         self._jitted_step = self._jit_step()
 
     def _jit_step(self):
-        return jax.jit(partial(_step, self.model.graphdef, self._state_def, summary_impl=self._summary_impl),
-                       donate_argnames=("kv_cache",))
+        step = partial(_step, self.model.graphdef, self._state_def, max_rows=self.max_num_seqs,
+                       attention=self.attention_backend, attention_mesh=self.attention_mesh,
+                       summary_impl=self._summary_impl)
+        return jax.jit(step, static_argnames=("layout",), donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.token_buckets:
@@ -97,12 +129,19 @@ class Runner:
         """Compile every bucket, with and without logit adjustments, on an all-padding batch.
         (A benchmark that sends no penalties may skip the adjusted variant.)"""
         started = time.perf_counter()
+        self._commit_no_previous()
         for bucket in self.token_buckets:
             for adjust in adjust_variants:
-                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust))
+                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
                 if (bucket, adjust) not in self._warmed:
                     self._warmed.append((bucket, adjust))
         return time.perf_counter() - started
+
+    def _commit_no_previous(self) -> None:
+        """Make the stand-in for "no previous step" an output of the step itself, so it is placed
+        as every later previous-step input is (a fresh jnp array is not committed to a device,
+        and jit would compile a second program for it)."""
+        _, self._no_previous = self._execute(SchedulerOutput(), self.token_buckets[0], False, None)
 
     # -- after a fault (runtime/faults.py) ---------------------------------------------------
 
@@ -126,19 +165,32 @@ class Runner:
         self.kv_cache = None  # drop the old buffers before allocating the new ones
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
         self._jitted_step = self._jit_step()
+        self._commit_no_previous()
         for bucket, adjust in self._warmed or [(self.token_buckets[0], False)]:
-            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust))
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
         return time.perf_counter() - started
 
     def run(self, out: SchedulerOutput) -> StepResult:
-        started = time.perf_counter()
+        """Dispatch and read back at once (no overlap)."""
+        return self.collect(self.dispatch(out))
+
+    def dispatch(self, out: SchedulerOutput, previous: InFlightStep | None = None) -> InFlightStep:
+        """Start the step on the device and return without waiting for it. Tokens the scheduler
+        left pending (PENDING_TOKEN) are the ones `previous` draws; they never visit the host."""
         adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
-        sampled = self._execute(out, self.bucket_for(out.num_tokens), adjust)
-        tokens, logprobs = {}, {}
+        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous)
+        rows = {c.seq.seq_id: row for row, c in enumerate(out.chunks) if c.samples}
+        return InFlightStep(out, sampled, next_tokens, rows, time.perf_counter())
+
+    def collect(self, step: InFlightStep) -> StepResult:
+        """Read a dispatched step's tokens (and the logprobs asked for) back to the host."""
+        waited = time.perf_counter()
         drawn, chosen, top_ids, top_lps = jax.device_get(
-            (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+            (step.sampled.tokens, step.sampled.logprobs, step.sampled.top_ids, step.sampled.top_logprobs)
         )
-        for row, chunk in enumerate(out.chunks):
+        waited = time.perf_counter() - waited
+        tokens, logprobs = {}, {}
+        for row, chunk in enumerate(step.batch.chunks):
             if not chunk.samples:
                 continue
             sid = chunk.seq.seq_id
@@ -146,54 +198,45 @@ class Runner:
             if chunk.seq.request.params.logprobs is not None:
                 n = chunk.seq.request.params.logprobs
                 logprobs[sid] = (float(chosen[row]), top_ids[row, :n].tolist(), top_lps[row, :n].tolist())
-        return StepResult(tokens, logprobs, time.perf_counter() - started)
+        return StepResult(tokens, logprobs, time.perf_counter() - step.dispatched_at, waited)
 
-    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool) -> SampledTokens:
-        S = self.rows_for(bucket)
-        tokens = np.zeros(bucket, np.int32)
-        positions = np.zeros(bucket, np.int32)
-        slots = np.full(bucket, -1, np.int32)
-        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
-        context_lens = np.zeros(S, np.int32)
-        query_start = np.zeros(S + 1, np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        temperature, top_p, min_p = np.zeros(S, np.float32), np.ones(S, np.float32), np.zeros(S, np.float32)
-        top_k, seeds, sample_pos = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
+    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool,
+                 previous: InFlightStep | None) -> tuple[SampledTokens, jax.Array]:
+        buffers = self._buffers[bucket]
+        packed, f = buffers.next()
+        tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
+        block_tables, context_lens, query_start = f["block_tables"], f["context_lens"], f["query_start"]
         at = 0
         for row, chunk in enumerate(out.chunks):
             seq, n = chunk.seq, chunk.num_tokens
             span = np.arange(chunk.start, chunk.start + n)
             table = np.asarray(seq.block_ids, np.int32)
             tokens[at : at + n] = seq.token_ids[chunk.start : chunk.start + n]
+            if tokens[at + n - 1] == PENDING_TOKEN:  # drawn by the step still on the device
+                if previous is None or seq.seq_id not in previous.rows:
+                    raise RuntimeError(f"sequence {seq.seq_id} waits on a token no step in flight draws")
+                from_previous[at + n - 1] = previous.rows[seq.seq_id]
             positions[at : at + n] = span
             slots[at : at + n] = table[span // self.block_size] * self.block_size + span % self.block_size
             block_tables[row, : len(table)] = table
             context_lens[row] = chunk.start + n
             at += n
             query_start[row + 1] = at
-            logits_indices[row] = at - 1
+            f["logits_indices"][row] = at - 1
             p = seq.request.params
             # Values were checked to fit (runtime/request.py); a tiny top_p would round to 0 in
             # float32 and keep no token, so it is raised to the least that still keeps the top one.
-            temperature[row] = 0.0 if p.greedy else p.temperature
-            top_p[row], top_k[row], min_p[row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
-            seeds[row], sample_pos[row] = seq.seed, seq.num_tokens
+            f["temperature"][row] = 0.0 if p.greedy else p.temperature
+            f["top_p"][row], f["top_k"][row], f["min_p"][row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
+            f["seeds"][row], f["sample_positions"][row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
-        # numpy arrays go straight into the jitted call, which copies them to the device.
-        md = AttentionMetadata(
-            slot_mapping=slots,
-            block_tables=block_tables,
-            context_lens=context_lens,
-            query_start_loc=query_start,
-            backend=self.attention_backend,
-            mesh=self.attention_mesh,
+        adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
+        previous_tokens = self._no_previous if previous is None else previous.next_tokens
+        # The packed buffer goes straight into the jitted call: one host-to-device copy.
+        sampled, next_tokens, self.kv_cache = self._jitted_step(
+            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, layout=buffers.layout,
         )
-        sampling = SamplingInputs(temperature, top_p, top_k, min_p, seeds, sample_pos)
-        adjustments = self._adjustments(out, S) if adjust else None
-        sampled, self.kv_cache = self._jitted_step(
-            self._state_leaves, self.kv_cache, tokens, positions, md, logits_indices, sampling, adjustments,
-        )
-        return sampled
+        return sampled, next_tokens
 
     def _adjustments(self, out: SchedulerOutput, S: int) -> LogitAdjustments:
         V = self.vocab_size
@@ -206,6 +249,8 @@ class Runner:
             if not (chunk.samples and p.needs_logit_adjustment):
                 continue
             seq: Sequence = chunk.seq
+            if seq.num_pending_tokens:
+                raise RuntimeError("penalties need every output token on the host; the engine reads them first")
             counts[row] = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=V)[:V]
             seen[row, seq.token_ids] = True
             presence[row], frequency[row], repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from runtime.block_manager import BlockManager
-from runtime.request import FinishReason, Request, Sequence, SequenceStatus
+from runtime.request import PENDING_TOKEN, FinishReason, Request, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +27,18 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # first token computed this step (= seq.num_computed_tokens when scheduled)
     num_tokens: int
+    # Fixed when scheduled (the sequence grows once the step is dispatched):
+    samples: bool = field(init=False)  # reaches the sequence's last token, so a new one is drawn
+    epoch: int = field(init=False)  # the sequence's preemption count: a later preemption voids the chunk's pages
+
+    def __post_init__(self):
+        object.__setattr__(self, "samples", self.start + self.num_tokens == self.seq.num_tokens)
+        object.__setattr__(self, "epoch", self.seq.num_preemptions)
 
     @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last known token, so a new one is drawn."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def end(self) -> int:
+        """One past the chunk's last token: where the token it draws goes."""
+        return self.start + self.num_tokens
 
 
 @dataclass
@@ -110,6 +117,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
+            if self._ends_with_pending_token(seq):
+                continue  # finished once its pending token is read: nothing more to compute
             if budget < 1:
                 break
             if self._reserve(seq, 1, out):
@@ -118,7 +127,8 @@ class Scheduler:
 
         # Then prompt work: running prompts continue, then waiting sequences are admitted.
         scheduled = {c.seq.seq_id for c in out.chunks}
-        prefilling = [s for s in self.running if s.seq_id not in scheduled and s.status is SequenceStatus.RUNNING]
+        prefilling = [s for s in self.running if s.seq_id not in scheduled and s.status is SequenceStatus.RUNNING
+                      and not s.num_pending_tokens]
         tenant_cap = self._prefill_share(budget, prefilling)
         spent: Counter[str] = Counter()
         for seq in prefilling:
@@ -148,7 +158,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput | None = None) -> None:
         self.blocks.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_written_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -170,10 +180,18 @@ class Scheduler:
         allowance = min(budget, max(tenant_cap - spent[seq.request.tenant], 0))
         return min(remaining, allowance)
 
+    def _ends_with_pending_token(self, seq: Sequence) -> bool:
+        """Whether the token still on the device is the sequence's last by length."""
+        drawn = seq.num_tokens - seq.num_prompt_tokens
+        return seq.num_pending_tokens > 0 and (
+            drawn >= seq.request.params.max_tokens or seq.num_tokens >= self.limits.max_model_len)
+
     def _may_admit(self, seq: Sequence) -> bool:
-        # Later samples wait until sample 0 has computed the prompt, then reuse its pages.
+        if seq.num_pending_tokens:
+            return False  # preempted with a token still on the device: recomputed once it is read
+        # Later samples wait until sample 0's prompt pages are written and cached, then reuse them.
         first = seq.request.sequences[0]
-        return seq.index == 0 or first.is_finished or first.num_computed_tokens >= seq.num_prompt_tokens
+        return seq.index == 0 or first.is_finished or first.num_written_tokens >= seq.num_prompt_tokens
 
     def _admission_order(self) -> list[Sequence]:
         load = Counter(s.request.tenant for s in self.running)
@@ -231,40 +249,84 @@ class Scheduler:
             load[seq.request.tenant] += 1  # reserved: admission will seat it this step
 
     # -- after the step -------------------------------------------------------------------
+    #
+    # dispatched: commit(out)     the chunks count as computed, sampling ones get a pending token
+    # read back:  complete(out, tokens)   pages written and cached, pending tokens get their values
+    # lost:       rollback(out)   a dispatched step that will never be read back is undone
+    #
+    # Without overlap the two follow each other; with it the next step is scheduled in between.
 
-    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance the computed chunks and append the sampled tokens (seq id -> token).
+    def commit(self, out: SchedulerOutput) -> None:
+        """The step was dispatched: plan the next one as if it had run."""
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens = chunk.end
+            if chunk.samples:
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending_tokens += 1
 
-        Returns the sequences that got a new token, finished ones included.
-        """
+    def complete(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
+        """The step was read back: cache the pages it wrote and give its drawn tokens (seq id ->
+        token) their values. Returns (sequence, token) for each sequence that got one, finished
+        ones included; a sequence that finished meanwhile (a stop found in an earlier token, an
+        abort) gets nothing from this step."""
         grown = []
         for chunk in out.chunks:
             seq = chunk.seq
-            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted while the step ran, or preempted later in the same step
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.blocks.cache_full_blocks(seq)
+            if seq.is_finished:
+                continue
+            if seq.num_preemptions == chunk.epoch:  # its pages still hold what this step wrote
+                seq.num_written_tokens = max(seq.num_written_tokens, chunk.end)
+                self.blocks.cache_full_blocks(seq, chunk.end)
             if not chunk.samples:
                 continue
             token = sampled[seq.seq_id]
-            seq.token_ids.append(token)
-            grown.append(seq)
+            assert seq.token_ids[chunk.end] == PENDING_TOKEN, "tokens are read back in the order they were drawn"
+            seq.token_ids[chunk.end] = token
+            seq.num_pending_tokens -= 1
+            grown.append((seq, token))
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = time.monotonic()
             self._check_finished(seq, token)
         return grown
 
+    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """commit then complete, for a step run in series: the sequences that got a token."""
+        self.commit(out)
+        return [seq for seq, _ in self.complete(out, sampled)]
+
+    def rollback(self, out: SchedulerOutput) -> None:
+        """A dispatched step will never be read back (the one before it failed): drop its pending
+        tokens and recompute its sequences later, as its pages may not hold what it wrote."""
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.is_finished:
+                continue
+            if chunk.samples and seq.num_pending_tokens:
+                assert seq.token_ids[-1] == PENDING_TOKEN and seq.num_tokens == chunk.end + 1
+                seq.token_ids.pop()
+                seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.RUNNING and seq.num_preemptions == chunk.epoch:
+                self._preempt(seq)
+
     def _check_finished(self, seq: Sequence, token: int) -> None:
+        """After `token` was read back; counts are of tokens known on the host."""
         params = seq.request.params
         if seq.num_output_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 return self._finish(seq, FinishReason.STOP, token)
             if token in seq.request.eos_token_ids and not params.ignore_eos:
                 return self._finish(seq, FinishReason.STOP)
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+        if (seq.num_output_tokens >= params.max_tokens
+                or seq.num_prompt_tokens + seq.num_output_tokens >= self.limits.max_model_len):
             self._finish(seq, FinishReason.LENGTH)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        if seq.num_pending_tokens:  # drawn after the end: never emitted
+            del seq.token_ids[-seq.num_pending_tokens :]
+            seq.num_pending_tokens = 0
         self.blocks.free(seq)
         if seq in self.running:
             self.running.remove(seq)

@@ -15,7 +15,8 @@ from serving.client import ClientError, _raise_for_error
 
 # The scope each client command needs (the server's routes declare the same).
 COMMAND_SCOPES = {"complete": "generate", "chat": "generate", "models": "read", "keys create": "admin",
-                  "keys list": "admin", "keys revoke": "admin"}
+                  "keys list": "admin", "keys revoke": "admin", "top": "read", "transcripts list": "read",
+                  "transcripts show": "read"}
 
 
 def _client(url: str) -> httpx.Client:

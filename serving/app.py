@@ -72,6 +72,11 @@ class TesseraPlugin(InitPluginProtocol):
         app_config.route_handlers += [CompletionsController, ChatController, ModelsController, TokenizeController,
                                       HealthController, DebugController, AdminKeysController, AdminRateLimitsController,
                                       AuthController]
+        if server.config.ui:
+            from serving.ui import build_ui_state, ui_route_handlers
+
+            app_config.route_handlers += ui_route_handlers()
+            app_config.state["ui"] = build_ui_state(server.config)
         app_config.dependencies["server"] = Provide(lambda: server, use_cache=True, sync_to_thread=False)
         # First: everything after it (request records, rate limits, audit) sees the real client.
         app_config.middleware.insert(0, DefineMiddleware(ForwardedHeadersMiddleware,

@@ -47,6 +47,19 @@ def _build_parser() -> argparse.ArgumentParser:
                     "requests get 503 while in-flight ones finish (up to --drain-timeout-s).",
     )
     ServerConfig.add_arguments(serve)
+    worker = sub.add_parser(
+        "worker", help="serve the engine over gRPC to gateways, registered in etcd",
+        description="Load the model as `tessera serve` does and serve it over gRPC (Generate, Abort, Stats, "
+                    "KvEvents, grpc.health.v1) on --grpc-port; with --etcd, register under a lease. Takes "
+                    "serve's settings; the scale-out ones are marked 'worker:'. SIGTERM leaves the registry, "
+                    "then drains.")
+    ServerConfig.add_arguments(worker)
+    gateway = sub.add_parser(
+        "gateway", help="the HTTP API in front of the workers registered in etcd",
+        description="The OpenAI API, auth, rate limits and guardrails of `tessera serve`, without an engine: "
+                    "requests go to the workers found in etcd (--etcd), by KV-aware cost within pools chosen "
+                    "by weight. Takes serve's settings; the scale-out ones are marked 'gateway:'.")
+    ServerConfig.add_arguments(gateway)
 
     _add_client(sub, "complete", "stream one completion from a server").add_argument("prompt", help="prompt text")
     chat = _add_client(sub, "chat", "chat with a server interactively, streaming the answers")
@@ -60,8 +73,26 @@ def _build_parser() -> argparse.ArgumentParser:
                                        title="model signing (no subcommand: list a server's models)"))
     _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
     _add_identity_commands(sub)
+    _add_ui_commands(sub)
     _add_replay_command(sub)
     return parser
+
+
+def _add_ui_commands(sub) -> None:
+    top = _add_client(sub, "top", "a live table of a server's health figures (the admin UI's Health page)",
+                      sampling=False)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    top.add_argument("--iterations", type=int, help="stop after this many updates (default: until Ctrl-C)")
+    play = sub.add_parser("playback", help="replay a transcript or captured SSE log at its recorded token timing")
+    play.add_argument("file", help="a transcript (JSON lines, as `tessera chat --transcript` writes) or an SSE log")
+    play.add_argument("--speed", type=float, default=1.0, help="playback speed, 0.1 to 16 (2 = twice as fast)")
+    transcripts = sub.add_parser("transcripts", help="the transcripts the admin UI's playground saved for you")
+    transcripts_sub = transcripts.add_subparsers(dest="transcripts_command", required=True)
+    _add_client(transcripts_sub, "list", "list your saved transcripts, newest first", sampling=False)
+    show = _add_client(transcripts_sub, "show", "print a saved transcript (by id) or a local transcript file",
+                       sampling=False)
+    show.add_argument("transcript", help="a transcript id from `tessera transcripts list`, or a file")
+    show.add_argument("--jsonl", action="store_true", help="print the JSON lines as stored")
 
 
 def _replay_module():
@@ -166,6 +197,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from serving.config import ServerConfig
+    from serving.worker import worker_main
+
+    return worker_main(ServerConfig.from_sources(args))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from serving.config import ServerConfig
+    from serving.gateway import gateway_main
+
+    return gateway_main(ServerConfig.from_sources(args))
+
+
 def _models_signing(args: argparse.Namespace) -> int:
     from ops.model_signing import run_command
 
@@ -176,8 +221,15 @@ def _client_command(args: argparse.Namespace) -> int:
     from serving import admin_client, client
 
     command = f"keys {args.keys_command}" if args.command == "keys" else args.command
+    command = f"transcripts {args.transcripts_command}" if args.command == "transcripts" else command
     try:
+        if args.command == "transcripts" and args.transcripts_command == "show" and Path(args.transcript).is_file():
+            from serving import ui_client
+
+            return ui_client.show_transcript(args.url, args.transcript, args.jsonl)  # a local file: no server
         admin_client.require_scope(args.url, command)
+        if args.command in ("top", "transcripts"):
+            return _ui_command(args)
         if args.command == "keys":
             return _keys_command(args)
         if args.command == "whoami":
@@ -196,6 +248,27 @@ def _client_command(args: argparse.Namespace) -> int:
     except client.ClientError as e:
         print(f"tessera {command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _ui_command(args: argparse.Namespace) -> int:
+    from serving import ui_client
+
+    if args.command == "top":
+        return ui_client.top(args.url, args.interval, args.iterations)
+    if args.transcripts_command == "list":
+        return ui_client.list_transcripts(args.url)
+    return ui_client.show_transcript(args.url, args.transcript, args.jsonl)
+
+
+def _playback(args: argparse.Namespace) -> int:
+    from serving import ui_client
+    from serving.ui.transcripts import TranscriptError
+
+    try:
+        return ui_client.playback(Path(args.file), args.speed)
+    except TranscriptError as e:
+        print(f"tessera playback: error: {args.file}: {e}", file=sys.stderr)
+        return 2
 
 
 def _keys_command(args: argparse.Namespace) -> int:
@@ -322,8 +395,9 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "login": _login,
-               "logout": _logout, "replay": _replay}.get(args.command, _client_command)
+    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
+               "gateway": _gateway, "login": _login, "logout": _logout,
+               "playback": _playback, "replay": _replay}.get(args.command, _client_command)
     if args.command == "models" and args.models_command:
         handler = _models_signing
     try:

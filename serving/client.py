@@ -76,16 +76,20 @@ def complete(url: str, prompt: str, body: dict, out: IO[str] | None = None) -> s
     return "".join(parts)
 
 
-def chat_turn(client: httpx.Client, messages: list[dict], body: dict, out: IO[str]) -> str:
-    parts = []
+def chat_turn(client: httpx.Client, messages: list[dict], body: dict, out: IO[str]) -> list[list]:
+    """Stream one answer to `out`; returns its pieces as [seconds after sending, text] (the
+    transcript's `tokens`, which `tessera playback` replays)."""
+    pieces = []
+    start = time.monotonic()
     for event in stream_events(client, "/v1/chat/completions", {"messages": messages, **body}):
         for choice in event["choices"]:
             text = choice["delta"].get("content") or ""
-            parts.append(text)
+            if text:
+                pieces.append([round(time.monotonic() - start, 4), text])
             out.write(text)
             out.flush()
     out.write("\n")
-    return "".join(parts)
+    return pieces
 
 
 def chat(url: str, body: dict, system: str | None = None, transcript: Path | None = None,
@@ -121,9 +125,9 @@ def chat(url: str, body: dict, system: str | None = None, transcript: Path | Non
                     continue
                 messages.append({"role": "user", "content": text})
                 record(messages[-1])
-                answer = chat_turn(client, messages, body, out)
-                messages.append({"role": "assistant", "content": answer})
-                record(messages[-1])
+                pieces = chat_turn(client, messages, body, out)
+                messages.append({"role": "assistant", "content": "".join(text for _, text in pieces)})
+                record({**messages[-1], "tokens": pieces})
     finally:
         if log is not None:
             log.close()

@@ -54,6 +54,8 @@ class ServerConfig:
     kv_cache_memory_gib: float = _setting(2.0, "memory for the KV cache, GiB (ignored when num_blocks is set)")
     num_blocks: int | None = _setting(None, "KV cache pages; default: as many as kv_cache_memory_gib holds")
     enable_prefix_caching: bool = _setting(True, "reuse KV pages of prompt prefixes seen before")
+    async_scheduling: bool = _setting(True, "plan and dispatch each engine step while the previous one runs "
+                                            "(tokens reach the host one step late); off runs steps in series")
     max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
                                           "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
@@ -125,6 +127,37 @@ class ServerConfig:
                                                  "'10.0.0.0/8,127.0.0.1'; unset: none")
     kms: str | None = _setting(None, "KMS for data keys: local:PATH (a 32-byte key file) or "
                                      "aws-kms:KEY[?region=R&endpoint=URL]")
+    # -- admin UI (/ui) --------------------------------------------------------------------------
+    ui: bool = _setting(True, "serve the admin web UI under /ui (same auth and scopes as the API)")
+    ui_oidc_client_id: str | None = _setting(
+        None, "client id the UI logs in with at oidc_issuer (authorization code + PKCE, a public client whose "
+              "redirect URI is <server>/ui/login/callback); unset: the UI takes API keys only")
+    ui_oidc_scopes: str = _setting("openid read generate", "scopes the UI's OIDC login asks for")
+    ui_oidc_resource: str | None = _setting(None, "resource indicator (RFC 8707) the UI's login asks for, "
+                                                  "when the issuer needs one to set the token's audience")
+    ui_transcripts_dir: str | None = _setting(None, "where playground transcripts are saved (one folder per "
+                                                    "caller); default: ~/.local/share/tessera/transcripts")
+
+    # -- scale-out: `tessera worker` and `tessera gateway` (BUILD_NOTES "Scale-out") ----------------
+    etcd: str | None = _setting(None, "etcd client endpoint host:port: workers register there, gateways discover them")
+    grpc_port: int = _setting(50051, "worker: gRPC port to listen on (0: any free port)")
+    advertise_address: str | None = _setting(None, "worker: host:port gateways dial; default: host and grpc_port")
+    worker_id: str | None = _setting(None, "worker: its id in the registry; default: the host name, the process id and a random suffix")
+    pool: str = _setting("default", "worker: the pool it serves in (weights and drain are per pool, in etcd)")
+    region: str = _setting("local", "worker: its region label (a pool per region gives active/active)")
+    mig_device: str | None = _setting(None, "worker: GPU or MIG slice UUID to run on (sets CUDA_VISIBLE_DEVICES)")
+    lease_ttl_s: float = _setting(2.0, "worker: etcd lease TTL, seconds; its record vanishes this long after a crash")
+    grpc_tls_cert: str | None = _setting(None, "PEM certificate: the worker's server certificate, the gateway's "
+                                               "client certificate; unset: plaintext gRPC")
+    grpc_tls_key: str | None = _setting(None, "PEM private key of grpc_tls_cert")
+    grpc_tls_ca: str | None = _setting(None, "PEM CA bundle the peer's certificate must chain to (mutual TLS)")
+    route_decode_cost: float = _setting(16.0, "gateway: routing cost of a running request, in prompt tokens")
+    route_queue_cost: float = _setting(256.0, "gateway: routing cost of a request queued beyond max_num_seqs, "
+                                              "in prompt tokens")
+    route_policy: str = _setting("kv", "gateway: kv (cached prefix + load) or round_robin")
+    stats_interval_s: float = _setting(0.5, "gateway: seconds between polls of each worker's stats and health")
+    stale_after_s: float = _setting(3.0, "gateway: a worker's numbers older than this mark autoscale hints stale")
+    autoscale_target: float = _setting(0.75, "gateway: saturation (queue depth, KV pressure) a pool should run at")
 
     def __post_init__(self):
         _require(1 <= self.port <= 65535 or self.port == 0, "port", self.port, "must be in [0, 65535]")
@@ -147,6 +180,14 @@ class ServerConfig:
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         _require(self.linear in (None, *LINEAR_IMPLS), "linear", self.linear, f"must be one of {', '.join(LINEAR_IMPLS)}")
         _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
+        _require(0 <= self.grpc_port <= 65535, "grpc_port", self.grpc_port, "must be in [0, 65535]")
+        _require(self.lease_ttl_s >= 1, "lease_ttl_s", self.lease_ttl_s, "must be >= 1 (etcd's granularity)")
+        _require(self.route_policy in ("kv", "round_robin"), "route_policy", self.route_policy,
+                 "must be kv or round_robin")
+        _require(bool(self.grpc_tls_cert) == bool(self.grpc_tls_key), "grpc_tls_key", self.grpc_tls_key,
+                 "is required with grpc_tls_cert, and only with it")
+        _require(0 < self.autoscale_target <= 1, "autoscale_target", self.autoscale_target, "must be in (0, 1]")
+        _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
         self._check_access()
@@ -170,6 +211,8 @@ class ServerConfig:
         _require(self.jwt_leeway_s >= 0, "jwt_leeway_s", self.jwt_leeway_s, "must be >= 0")
         parse_tenant_limits(self.tenant_rate_limits)
         parse_scopes(self.workload_scopes)
+        _require(not self.ui_oidc_client_id or bool(self.oidc_issuer), "ui_oidc_client_id", self.ui_oidc_client_id,
+                 "needs oidc_issuer")
         self._check_trust()
 
     def _check_trust(self) -> None:
@@ -204,6 +247,7 @@ class ServerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            async_scheduling=self.async_scheduling,
             max_kv_events=self.max_kv_events,
             token_buckets=buckets,
             attention_backend=self.attention,

@@ -46,6 +46,7 @@ class RequestMiddleware:
         finally:
             record.finish(status)
             record.release()
+            self.server.in_flight.discard(request_id)
             try:
                 if record.model is not None:  # a generation request
                     self.server.recent.add(record)

@@ -11,6 +11,7 @@ from runtime.engine_client import EngineClient
 from serving.admission import Admission
 from serving.config import ServerConfig
 from serving.errors import APIError
+from serving.in_flight import InFlight
 from serving.records import RecentRequests
 from serving.tokenizer_pool import TokenizerPool
 
@@ -26,9 +27,14 @@ class ServerState:
     metrics: Any | None = None
     guardrails: Any | None = None
     """`serving.guardrails.Guardrails` from --guardrails; None: no guardrails."""
+    cluster: Any | None = None
+    """`tessera gateway`'s view of its workers (serving/gateway.py `GatewayEngine`: `loads()` for
+    the autoscale hints); None in `tessera serve`, whose one engine is the whole cluster."""
     started: float = field(default_factory=time.time)
     admission: Admission = field(init=False)
     recent: RecentRequests = field(init=False)
+    in_flight: InFlight = field(default_factory=InFlight)
+    """Generation requests holding a seat, for the admin UI's Live page."""
 
     def __post_init__(self):
         self.recent = RecentRequests(self.config.debug_requests, with_text=self.config.log_prompts)

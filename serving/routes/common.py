@@ -46,6 +46,7 @@ def start_generation(server: ServerState, request: Request, data: SamplingFields
     generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields)
     generation.check(prompt_param)
     record.ticket = server.admission.acquire()
+    server.in_flight.add(generation)
     return generation
 
 

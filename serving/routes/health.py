@@ -40,6 +40,19 @@ class HealthController(Controller):
                              draining=draining, requests_in_flight=server.admission.in_flight, reason=reason)
         return Response(body, status_code=200 if reason is None else 503)
 
+    @get("/v1/autoscale", operation_id="autoscale", opt=needs(READ),
+         summary="Autoscaler hints: saturation per worker and pool, desired replicas per pool")
+    async def autoscale(self, server: ServerState) -> dict:
+        from serving.autoscale import WorkerLoad, hints
+
+        config = server.config
+        if server.cluster is not None:
+            return server.cluster.autoscale_hints()
+        stats = server.engine.stats()  # `tessera serve`: one worker, its numbers as fresh as its last step
+        load = WorkerLoad("local", "default", stats.num_requests_running, stats.num_requests_waiting,
+                          server.engine.max_num_seqs, stats.kv_cache_usage_perc, 0.0, server.engine.health().running)
+        return hints([load], config.autoscale_target, config.stale_after_s)
+
     @get("/version", operation_id="version", opt=needs(READ), summary="Tessera's and jax's versions, the backend, the model")
     async def version(self, server: ServerState) -> VersionResponse:
         import jax

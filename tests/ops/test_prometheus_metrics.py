@@ -103,6 +103,7 @@ def test_request_timings_are_ordered_and_counted(engine):
 
 
 def test_engine_stats_snapshot_mid_run(engine):
+    engine.config.async_scheduling = False  # in series: one step() is one step read back
     start = engine.stats()
     engine.add_request([21, 22, 23, 24, 25], SamplingParams(max_tokens=3, **GREEDY), request_id="snap-a")
     engine.add_request([31, 32, 33], SamplingParams(max_tokens=3, **GREEDY), request_id="snap-b")
@@ -118,6 +119,7 @@ def test_engine_stats_snapshot_mid_run(engine):
     assert mid.prefix_cache_queries - start.prefix_cache_queries == 8
     engine.run_to_completion()
     assert engine.stats().kv_cache_usage_perc == 0.0
+    engine.config.async_scheduling = True
 
 
 def test_async_engine_reports_steps_finished_and_aborted_requests(engine):

@@ -32,9 +32,10 @@ def _prompts(count: int, seed: int, lo: int = 3, hi: int = 60) -> list[list[int]
     return [rng.randint(0, 500, size=rng.randint(lo, hi)).tolist() for _ in range(count)]
 
 
-def test_24_prompts_with_chunked_prefill_and_preemption_match_transformers(checkpoint):
+@pytest.mark.parametrize("overlap", [False, True], ids=["series", "overlapped"])
+def test_24_prompts_with_chunked_prefill_and_preemption_match_transformers(checkpoint, overlap):
     folder = checkpoint("llama")
-    engine = _engine(folder, num_blocks=40)  # 160 slots for 24 prompts of up to 60 + 12 tokens
+    engine = _engine(folder, num_blocks=40, async_scheduling=overlap)  # 160 slots for 24 prompts of up to 60 + 12 tokens
     prompts = _prompts(24, seed=0)
     assert max(len(p) for p in prompts) > 32  # longer than the step budget: chunked
     for i, p in enumerate(prompts):
@@ -154,9 +155,9 @@ def test_bad_parameters_are_refused_and_a_good_request_is_unaffected(checkpoint,
     assert "bad" not in done
 
 
-@pytest.fixture(scope="module")
-def llama_engine(checkpoint):
-    return _engine(checkpoint("llama"), num_blocks=128)
+@pytest.fixture(scope="module", params=[False, True], ids=["series", "overlapped"])
+def llama_engine(checkpoint, request):
+    return _engine(checkpoint("llama"), num_blocks=128, async_scheduling=request.param)
 
 
 def _run(engine: Engine, prompt, **params):
@@ -220,6 +221,41 @@ def test_n_samples_share_the_prompt(llama_engine):
     # Sample 0 computes the prompt; samples 1 and 2 reuse its 9 full pages (36 tokens) and
     # recompute only the last 4 prompt tokens.
     assert llama_engine.counters.computed_tokens - computed == 40 + 2 * 4 + 3 * 5
+
+
+def test_mixed_workload_with_aborts_is_the_same_in_series_and_overlapped(checkpoint):
+    """Stop strings, stop tokens, EOS, max_tokens, n > 1, penalties and aborts mid stream, all in
+    one batch: every request's tokens, text and finish reason match between the two modes."""
+    folder = checkpoint("llama")
+    prompts = _prompts(10, seed=21)
+    runs = []
+    for overlap in (False, True):
+        engine = _engine(folder, num_blocks=60, async_scheduling=overlap)
+        mixes = [
+            dict(max_tokens=9, **GREEDY),
+            dict(max_tokens=12, temperature=0.0, stop_token_ids=(25,)),
+            dict(max_tokens=7, temperature=0.7, seed=5, n=3, ignore_eos=True),
+            dict(max_tokens=10, temperature=0.0, stop=("e",), ignore_eos=True),
+            dict(max_tokens=8, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+        ]
+        engine.add_request(prompts[0][:5], SamplingParams(max_tokens=30, **GREEDY), request_id="aborted")
+        for i, p in enumerate(prompts):
+            engine.add_request(p, SamplingParams(**mixes[i % len(mixes)]), request_id=f"r{i}")
+        seen: dict[tuple[str, int], list] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                for o in out.outputs:
+                    seen.setdefault((out.request_id, o.index), []).append((o.token_ids, o.text, o.finish_reason))
+            if len(seen.get(("aborted", 0), ())) == 3:  # its client goes away after 3 tokens
+                for o in engine.abort("aborted").outputs:
+                    seen[("aborted", 0)].append((o.token_ids, o.text, o.finish_reason))
+        runs.append({key: ([t for ts, _, _ in parts for t in ts], "".join(x for _, x, _ in parts), parts[-1][2])
+                     for key, parts in seen.items()})
+    series, overlapped = runs
+    assert overlapped == series
+    assert sorted({reason for _, _, reason in series.values()}) == ["abort", "length", "stop"]
+    assert len(series[("aborted", 0)][0]) == 3
+    assert len(series[("r2", 0)][0]) == 7 and len({tuple(series[("r2", i)][0]) for i in range(3)}) == 3
 
 
 def test_abort_frees_the_pages(llama_engine):

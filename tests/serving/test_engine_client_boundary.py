@@ -19,6 +19,7 @@ from runtime.engine import EngineStats
 from runtime.engine_client import EngineClient, EngineHealth
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.request import Request, SamplingParams
+from runtime.request_limits import RequestLimits
 from serving.app import create_app
 from serving.config import ServerConfig
 from tests.serving.conftest import SERVER
@@ -31,6 +32,8 @@ class FixedTokensEngine:
     """The smallest EngineClient: every request's sample gets TOKENS, one per output."""
 
     model_id, max_model_len, max_num_seqs, generation_defaults, metrics = "fixed", 64, 2, {}, None
+    limits = RequestLimits(max_model_len=64, vocab_size=64, num_blocks=64, block_size=16, max_num_seqs=2,
+                           max_num_batched_tokens=64, enable_chunked_prefill=True)
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer

@@ -100,6 +100,11 @@ def test_chat_keeps_the_conversation_and_writes_a_transcript(base_url, tmp_path)
     again = httpx.post(base_url + "/v1/chat/completions", json={"messages": history, **body}).json()
     assert rows[4]["content"] == again["choices"][0]["message"]["content"]
     assert rows[2]["content"] in out.getvalue() and rows[4]["content"] in out.getvalue()
+    # Each answer keeps its streamed pieces with their times, for `tessera playback`.
+    for answer in (rows[2], rows[4]):
+        assert "".join(text for _, text in answer["tokens"]) == answer["content"]
+        times = [t for t, _ in answer["tokens"]]
+        assert times == sorted(times) and times[0] > 0
 
 
 def test_models_and_health(base_url, capsys):

@@ -9,11 +9,13 @@
 //                  (audience exactly "tessera-workers", tenant in kubernetes.io.namespace)
 //   short-lived    like gateway, but its tokens live 2 seconds
 //   other-service  client_credentials for urn:other-service (a token for the wrong audience)
+//   tessera-ui     public native client of the admin UI: authorization code + PKCE, redirect
+//                  http://127.0.0.1:<any port>/ui/login/callback
 // Access tokens for resource urn:tessera (the default) are JWTs with audience "tessera", the
 // granted scopes in `scope` and the tenant in `tenant` (the part of the login after "@").
 // Logins are completed without HTML: GET /interaction/:uid answers JSON, POST
 // /interaction/:uid/login takes `login=alice@acme`, POST /interaction/:uid/confirm grants
-// every scope asked for.
+// every scope asked for. A browser (Accept: text/html) gets the same two steps as HTML forms.
 import http from 'node:http';
 import { generateKeyPairSync } from 'node:crypto';
 import Provider from 'oidc-provider';
@@ -37,6 +39,11 @@ const config = {
       client_id: 'tessera-cli', application_type: 'native', token_endpoint_auth_method: 'none',
       redirect_uris: ['http://127.0.0.1/callback'], response_types: ['code'],
       grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
+    },
+    {
+      client_id: 'tessera-ui', application_type: 'native', token_endpoint_auth_method: 'none',
+      redirect_uris: ['http://127.0.0.1/ui/login/callback'], response_types: ['code'],
+      grant_types: ['authorization_code', 'refresh_token'],
     },
     { client_id: 'gateway', client_secret: 'gateway-secret', grant_types: ['client_credentials'],
       response_types: [], redirect_uris: [] },
@@ -92,6 +99,17 @@ async function readForm(req) {
 async function interaction(req, res, uid, action) {
   const details = await provider.interactionDetails(req, res);
   if (details.uid !== uid) throw new Error('interaction mismatch');
+  if (!action && (req.headers.accept || '').includes('text/html')) {
+    // A browser (the admin UI's tests): the same two steps as forms.
+    const login = details.prompt.name === 'login';
+    res.setHeader('content-type', 'text/html; charset=utf-8');
+    res.end(`<!doctype html><html><head><title>Test provider</title></head><body>
+      <form method="post" action="/interaction/${uid}/${login ? 'login' : 'confirm'}">
+        ${login ? '<label>login <input name="login" id="login"></label>' : '<p id="consent">Grant access?</p>'}
+        <button type="submit" id="submit">${login ? 'Log in' : 'Allow'}</button>
+      </form></body></html>`);
+    return;
+  }
   if (!action) {
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify({ uid, prompt: details.prompt.name, params: details.params }));
