@@ -55,69 +55,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from perf.replay import compare as regression
-    from perf.replay import metrics, report
-    from perf.replay.client import Target
+
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    window, requests, prompts, workload, targets = _prepare(args)
+    baseline = regression.load_baseline(args.compare) if args.compare else None
+    if baseline:
+        regression.check_workload(baseline, workload, args.compare)
+    for _, url, _ in targets:
+        _check_ready(url, args.api_key)
+    slos = _slos(args)
+    runs = [_one_run(label, url, target, requests, prompts, args, slos) for label, url, target in targets]
+    result = dict(started_at=started, machine=machine_info(), note=args.note, workload=workload,
+                  trace=_trace_summary(requests, Path(args.trace), window, args.block_tokens), runs=runs)
+    if baseline:
+        reference = runs[0]["metrics"] if len(runs) == 2 else None
+        result["comparison"] = regression.compare(runs[-1]["metrics"], reference, baseline, args.compare,
+                                                  result["machine"]["cpu_model"], runs[-1]["metrics"]["errors"],
+                                                  reference["errors"] if reference else 0)
+    if args.write_baseline:
+        _write_baseline(args, result)
+    _write_report(args, result)
+    return 1 if baseline and result["comparison"]["regressed"] else 0
+
+
+def _prepare(args: argparse.Namespace):
+    """Every check of the input before a request is sent: (window, requests, prompts, workload, targets)."""
+    from perf.replay.client import Target
+
     window = trace.Slice(args.start, args.duration, args.speed, args.clip_context, args.clip_output, args.max_requests)
     token_range = _token_range(args.token_range)
     if args.block_tokens < 1:
         raise ValueError(f"--block-tokens must be >= 1, got {args.block_tokens}")
-    slos = metrics.parse_slos(args.goodput)
-    baseline = regression.load_baseline(args.compare) if args.compare else None
-    targets = [("reference", args.reference_url)] if args.reference_url else []
-    targets.append(("candidate" if args.reference_url else "run", args.url))
-    parsed = [(label, url, Target.parse(url, args.api_key)) for label, url in targets]
-
+    _slos(args)
+    labelled = ([("reference", args.reference_url), ("candidate", args.url)] if args.reference_url
+                else [("run", args.url)])
+    targets = [(label, url, Target.parse(url, args.api_key)) for label, url in labelled]
     trace_path = Path(args.trace)
     requests = trace.select(trace.load(trace_path, args.format), window)
     prompts = [trace.prompt_tokens(r, i, args.block_tokens, token_range, args.seed) for i, r in enumerate(requests)]
     workload = dict(trace=trace_path.name, start_s=args.start, duration_s=args.duration, speed=args.speed,
                     clip_context=args.clip_context, clip_output=args.clip_output, max_requests=args.max_requests,
                     block_tokens=args.block_tokens)
-    if baseline:
-        regression.check_workload(baseline, workload, args.compare)
-    for _, url, _ in parsed:
-        _check_ready(url, args.api_key)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (args.name or trace_path.stem)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the runs
     if args.write_trace:
         trace.write_mooncake(requests, Path(args.write_trace), args.block_tokens)
+    return window, requests, prompts, workload, targets
 
-    runs = []
-    for label, url, target in parsed:
-        runs.append(_one_run(label, url, target, requests, prompts, args, slos))
-    machine = machine_info()
-    result = dict(started_at=started, machine=machine, note=args.note,
-                  workload=workload, trace=_trace_summary(requests, trace_path, window, args.block_tokens), runs=runs)
-    exit_code = 0
-    if baseline:
-        reference = runs[0]["metrics"] if len(runs) == 2 else None
-        result["comparison"] = regression.compare(runs[-1]["metrics"], reference, baseline, args.compare,
-                                                  machine["cpu_model"], runs[-1]["metrics"]["errors"],
-                                                  reference["errors"] if reference else 0)
-        exit_code = 1 if result["comparison"]["regressed"] else 0
-    if args.write_baseline:
-        cls = args.machine_class or re.sub(r"[^a-z0-9]+", "-", machine["cpu_model"].lower()).strip("-")
-        report.write_json(regression.make_baseline(cls, machine["cpu_model"], workload, runs[0]["metrics"]),
-                          Path(args.write_baseline))
+
+def _slos(args: argparse.Namespace) -> dict[str, float]:
+    from perf.replay import metrics
+
+    return metrics.parse_slos(args.goodput)
+
+
+def _write_baseline(args: argparse.Namespace, result: dict) -> None:
+    """The first run (the reference, when there is one) as a baseline file."""
+    from perf.replay import compare as regression
+    from perf.replay import report
+
+    cpu = result["machine"]["cpu_model"]
+    machine_class = args.machine_class or re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+    baseline = regression.make_baseline(machine_class, cpu, result["workload"], result["runs"][0]["metrics"])
+    report.write_json(baseline, Path(args.write_baseline))
+
+
+def _write_report(args: argparse.Namespace, result: dict) -> None:
+    """JSON, Markdown (also printed) and the plots, named after --name or the trace."""
+    from perf.replay import report
+
+    stem = Path(args.out) / (args.name or Path(args.trace).stem)
     if not args.no_plots:
         try:
-            result["plots"] = [str(p) for p in report.plot(runs, stem)]
+            result["plots"] = [str(p) for p in report.plot(result["runs"], stem)]
         except ImportError:
             print("tessera replay: no plots (matplotlib is not installed: pip install -e '.[replay]')", file=sys.stderr)
-    for run_ in runs:  # the plot data stays out of the JSON
+    for run_ in result["runs"]:  # the plot data stays out of the JSON
         run_.pop("cdf"), run_.pop("series")
     report.write_json(result, Path(f"{stem}.json"))
     text = report.markdown(result)
     Path(f"{stem}.md").write_text(text, encoding="utf-8")
     print(text)
-    return exit_code
 
 
 def _one_run(label, url, target, requests, prompts, args, slos) -> dict:
     from perf.replay import metrics
     from perf.replay.client import progress_bar, replay
+
     bar = None if args.no_progress else progress_bar(len(requests), f"replay {label}")
     before = _prefix_counters(url, args.api_key)
     outcomes, duration = asyncio.run(replay(target, requests, prompts, args.model, args.timeout,
