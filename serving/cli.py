@@ -74,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
     _add_identity_commands(sub)
     _add_ui_commands(sub)
+    _add_replay_command(sub)
     return parser
 
 
@@ -92,6 +93,35 @@ def _add_ui_commands(sub) -> None:
                        sampling=False)
     show.add_argument("transcript", help="a transcript id from `tessera transcripts list`, or a file")
     show.add_argument("--jsonl", action="store_true", help="print the JSON lines as stored")
+
+
+def _replay_module():
+    """The trace replay lives in perf/, which a source checkout has and the wheel does not."""
+    root = str(Path(__file__).resolve().parents[1])
+    if (Path(root) / "perf" / "replay").is_dir() and root not in sys.path:
+        sys.path.append(root)
+    import perf.replay.cli
+
+    return perf.replay.cli
+
+
+def _add_replay_command(sub) -> None:
+    replay = sub.add_parser("replay", help="replay a request trace against a server and report latency percentiles",
+                            description="Replay an Azure or Mooncake trace against a server or gateway with the "
+                                        "trace's arrival times; report TTFT, TPOT, ITL, E2E latency, throughput and "
+                                        "goodput (JSON, Markdown, PNG); --compare fails on a regression.")
+    try:
+        _replay_module().add_arguments(replay)
+    except ImportError:  # installed from the wheel: listed, and says why it cannot run
+        replay.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    try:
+        module = _replay_module()
+    except ImportError as e:
+        raise ValueError(f"replay needs perf/ from a Tessera source checkout ({e})") from None
+    return module.run(args)
 
 
 def _add_identity_commands(sub) -> None:
@@ -367,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
                "gateway": _gateway, "login": _login, "logout": _logout,
-               "playback": _playback}.get(args.command, _client_command)
+               "playback": _playback, "replay": _replay}.get(args.command, _client_command)
     if args.command == "models" and args.models_command:
         handler = _models_signing
     try:
