@@ -1,9 +1,10 @@
 """Gateway overhead on this machine: one real `tessera worker` on the demo model, real etcd, one
 `tessera gateway`; the same greedy requests straight to the worker (gRPC, `RemoteEngine`) and
 through the gateway (HTTP/SSE + routing + gRPC), rounds alternating so both see the same load.
-Prints a markdown section for perf/results/gateway_overhead_cpu.md.
+With `--serve`, also HTTP/SSE straight to a `tessera serve` of the same model: the API's own cost
+without the gateway hop. Prints a markdown section for perf/results/gateway_overhead_cpu.md.
 
-    .venv/bin/python -m perf.gateway_overhead [--rounds 6] [--profile gateway.svg]
+    .venv/bin/python -m perf.gateway_overhead [--rounds 6] [--serve] [--profile gateway.svg]
 
 `--profile` records the gateway process with py-spy (`pip install py-spy`) during the gateway
 rounds.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -22,7 +24,7 @@ import httpx
 
 from runtime.request import SamplingParams
 from serving.remote_engine import remote_engine
-from tests.helpers.cluster import start_etcd, start_gateway, start_worker
+from tests.helpers.cluster import start_etcd, start_gateway, start_serve, start_worker
 
 TOKENS = 64
 # Every sampling field the HTTP path would otherwise take from generation_config.json (the demo
@@ -75,25 +77,35 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 async def measure(worker: str, gateway: str, concurrencies: tuple[int, ...], rounds: int, profile=None,
-                  gateway_pid: int | None = None) -> dict:
+                  gateway_pid: int | None = None, serve: str | None = None) -> dict:
+    """Per concurrency: {path: (TTFTs, mean tokens/s)} for "direct", "gateway" and (with `serve`)
+    "serve", plus the gateway's CPU seconds per streamed token under "gateway_cpu"."""
     results = {}
-    async with remote_engine(worker) as engine, httpx.AsyncClient(base_url=gateway, timeout=120) as client:
-        for c in concurrencies:  # warm both paths (compiles, connections)
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(remote_engine(worker))
+        clients = {"gateway": await stack.enter_async_context(httpx.AsyncClient(base_url=gateway, timeout=120))}
+        if serve:
+            clients["serve"] = await stack.enter_async_context(httpx.AsyncClient(base_url=serve, timeout=120))
+        for c in concurrencies:  # warm every path (compiles, connections)
             await direct_round(engine, c, 0)
-            await gateway_round(client, c, 0)
+            for client in clients.values():
+                await gateway_round(client, c, 0)
         spy = profile() if profile else None
         for c in concurrencies:
-            d_ttft, g_ttft, d_tps, g_tps, cpu = [], [], [], [], 0.0
+            ttfts, rates, cpu = {"direct": [], **{k: [] for k in clients}}, {"direct": [], **{k: [] for k in clients}}, 0.0
             for r in range(rounds):
-                t, s = await direct_round(engine, c, r * c)
-                d_ttft += t
-                d_tps.append(s)
-                before = cpu_seconds(gateway_pid)
-                t, s = await gateway_round(client, c, r * c)
-                cpu += cpu_seconds(gateway_pid) - before
-                g_ttft += t
-                g_tps.append(s)
-            results[c] = (d_ttft, g_ttft, statistics.mean(d_tps), statistics.mean(g_tps), cpu / (rounds * c * TOKENS))
+                t, rate = await direct_round(engine, c, r * c)
+                ttfts["direct"] += t
+                rates["direct"].append(rate)
+                for name, client in clients.items():
+                    before = cpu_seconds(gateway_pid)
+                    t, rate = await gateway_round(client, c, r * c)
+                    if name == "gateway":
+                        cpu += cpu_seconds(gateway_pid) - before
+                    ttfts[name] += t
+                    rates[name].append(rate)
+            results[c] = {name: (ttfts[name], statistics.mean(rates[name])) for name in ttfts}
+            results[c]["gateway_cpu"] = cpu / (rounds * c * TOKENS)
         if spy is not None:
             spy.wait(60)
     return results
@@ -107,11 +119,20 @@ def cpu_model() -> str:
 
 def report(results: dict, title: str) -> str:
     p50 = statistics.median
-    lines = [f"### {title}\n", "| streams | TTFT P50 direct | TTFT P50 gateway | added | tokens/s direct | "
-             "tokens/s gateway | gateway / direct | gateway CPU per token |", "|---|---|---|---|---|---|---|---|"]
-    for c, (d_ttft, g_ttft, d_tps, g_tps, cpu) in results.items():
-        lines.append(f"| {c} | {p50(d_ttft) * 1e3:.1f} ms | {p50(g_ttft) * 1e3:.1f} ms | "
-                     f"{(p50(g_ttft) - p50(d_ttft)) * 1e3:+.1f} ms | {d_tps:.0f} | {g_tps:.0f} | {g_tps / d_tps:.0%} | {cpu * 1e3:.2f} ms |")
+    serve = any("serve" in r for r in results.values())
+    head = ("| streams | TTFT P50 direct | TTFT P50 gateway | added | tokens/s direct | tokens/s gateway | "
+            "gateway / direct | gateway CPU per token |")
+    head += " TTFT P50 `tessera serve` | tokens/s `tessera serve` |" if serve else ""
+    lines = [f"### {title}\n", head, "|" + "---|" * (head.count("|") - 1)]
+    for c, r in results.items():
+        (d_ttft, d_tps), (g_ttft, g_tps) = r["direct"], r["gateway"]
+        line = (f"| {c} | {p50(d_ttft) * 1e3:.1f} ms | {p50(g_ttft) * 1e3:.1f} ms | "
+                f"{(p50(g_ttft) - p50(d_ttft)) * 1e3:+.1f} ms | {d_tps:.0f} | {g_tps:.0f} | {g_tps / d_tps:.0%} | "
+                f"{r['gateway_cpu'] * 1e3:.2f} ms |")
+        if serve:
+            s_ttft, s_tps = r["serve"]
+            line += f" {p50(s_ttft) * 1e3:.1f} ms | {s_tps:.0f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -124,6 +145,8 @@ def main() -> None:
     parser.add_argument("--worker", help="measure a running worker (host:port) ...")
     parser.add_argument("--gateway", help="... behind this running gateway (URL) instead of starting them")
     parser.add_argument("--gateway-pid", type=int, help="the running gateway's process, for its CPU time")
+    parser.add_argument("--serve", action="store_true",
+                        help="also measure HTTP/SSE straight to a `tessera serve` of the same model (no gateway)")
     args = parser.parse_args()
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     if args.worker:
@@ -131,10 +154,11 @@ def main() -> None:
         print(report(results, args.title))
         return
     etcd, endpoint = start_etcd()
-    worker = gateway = None
+    worker = gateway = serve = None
     try:
         worker = start_worker(None, endpoint, timeout=300)
         gateway = start_gateway(endpoint)
+        serve = start_serve() if args.serve else None
         time.sleep(1.0)  # the gateway dials the worker after /ready
 
         def profile():
@@ -143,8 +167,11 @@ def main() -> None:
                                      "--duration", "20", "--format", fmt, "--output", args.profile, "--nonblocking"])
 
         results = asyncio.run(measure(worker.address, gateway.address, concurrencies, args.rounds,
-                                      profile if args.profile else None, gateway.process.pid))
+                                      profile if args.profile else None, gateway.process.pid,
+                                      serve.address if serve else None))
     finally:
+        if serve is not None:
+            serve.stop()
         if gateway is not None:
             gateway.stop()
         if worker is not None:
