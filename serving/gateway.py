@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from runtime.request import Request, SamplingParams
 from runtime.request_limits import RequestLimits
 from serving import registry
 from serving.autoscale import WorkerLoad, hints
+from serving.coalesce import coalesced
 from serving.remote_engine import RemoteEngine, WorkerLostError, checked_request
 from serving.routing import Router, RoutingCosts, WorkerView, prompt_block_keys
 from serving.rpc import tessera_pb2 as pb
@@ -149,6 +151,7 @@ class GatewayEngine:
         self.credentials, self.server_name, self.stats_interval_s = credentials, server_name, stats_interval_s
         self._limits = convert.limits_from_proto(info.limits)
         self._tokenizer = tokenizer_from_files(dict(info.tokenizer_files))
+        self._generation_defaults = json.loads(info.generation_defaults_json or "{}")  # read per request
         self.router = Router(costs, policy)
         self.handles: dict[str, WorkerHandle] = {}
         self.metrics = metrics
@@ -187,9 +190,7 @@ class GatewayEngine:
 
     @property
     def generation_defaults(self) -> dict:
-        import json
-
-        return json.loads(self.info.generation_defaults_json or "{}")
+        return self._generation_defaults
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -324,7 +325,7 @@ class GatewayEngine:
             handle.view.in_flight += 1
             self._serving[request.request_id] = handle
             try:
-                async with contextlib.aclosing(handle.engine.stream(request)) as outputs:
+                async with contextlib.aclosing(coalesced(handle.engine.stream(request))) as outputs:
                     async for output in outputs:
                         started = True
                         if output.finished:

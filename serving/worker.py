@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.block_manager import BlockStored
 from runtime.engine_client import EngineClient, EngineDeadError
+from serving.coalesce import coalesced
 from serving.registry import KvSummary, WorkerRecord, WorkerRegistration
 from serving.rpc import convert
 from serving.rpc import tessera_pb2 as pb
@@ -100,8 +101,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.num_in_flight += 1
         try:
-            # Closing the stream (a cancelled call ends this generator) aborts the request.
-            async with contextlib.aclosing(self.engine.stream(request)) as outputs:
+            # Closing the stream (a cancelled call ends this generator) aborts the request. Outputs
+            # that queued while gRPC was busy travel as one message (serving/coalesce.py).
+            async with contextlib.aclosing(coalesced(self.engine.stream(request))) as outputs:
                 async for output in outputs:
                     yield convert.output_to_proto(output)
         except EngineDeadError as e:

@@ -44,9 +44,10 @@ def cluster64():
         workers = start_sim_workers(endpoint, {"east": 32, "west": 32})
         gateway = start_gateway(endpoint)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            pools = httpx.get(gateway.address + "/v1/autoscale", timeout=10).json()["pools"]
-            if sum(p["replicas"] for p in pools.values()) == 64:
+        while time.monotonic() < deadline:  # listed, then dialled and polled: 64 records come before 64 handshakes
+            hints = httpx.get(gateway.address + "/v1/autoscale", timeout=10).json()
+            if (sum(p["replicas"] for p in hints["pools"].values()) == 64
+                    and all(w["healthy"] and not w["stale"] for w in hints["workers"].values())):
                 break
             time.sleep(0.2)
         yield endpoint, workers, gateway
