@@ -20,7 +20,9 @@ from jaxtyping import Array, Int
 
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
+from models.lora import LoraInputs, LoraStacks
 from models.loader import LoadedModel
+from runtime.adapters import AdapterManager
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
@@ -40,6 +42,7 @@ def _step(
     packed: Int[Array, " size"],
     previous_tokens: Int[Array, " max_rows"],
     adjustments: LogitAdjustments | None,
+    lora_stacks: LoraStacks | None,
     *,
     layout: StepLayout,
     max_rows: int,
@@ -57,7 +60,9 @@ def _step(
                            backend=attention, mesh=attention_mesh)
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
-    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"])
+    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
+    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
+                                      lora)
     sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
     next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
     return sampled, next_tokens, kv_cache
@@ -84,8 +89,11 @@ class InFlightStep:
 
 class Runner:
     def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...]):
+                 max_model_len: int, token_buckets: tuple[int, ...], adapters: AdapterManager | None = None):
         self.model = model
+        # Adapter weights are step arguments (stacked slots), never constants: loading one
+        # replaces arrays of the same shape and compiles nothing.
+        self.adapters = adapters
         self.attention_backend = plan.attention
         kernel_per_device = runs_per_device(plan.attention) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
@@ -170,6 +178,15 @@ class Runner:
             jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
         return time.perf_counter() - started
 
+    def swap_weights(self, model: LoadedModel) -> None:
+        """Serve `model`'s weights from the next step on. Its state must have the same structure,
+        shapes and dtypes as the served one (runtime/model_reload.py checks), so every compiled
+        step program is reused as it is."""
+        leaves, state_def = jax.tree.flatten(model.state)
+        if state_def != self._state_def:
+            raise ValueError("the new weights are not laid out as the served ones")
+        self.model, self._state_leaves = model, leaves
+
     def run(self, out: SchedulerOutput) -> StepResult:
         """Dispatch and read back at once (no overlap)."""
         return self.collect(self.dispatch(out))
@@ -232,9 +249,17 @@ class Runner:
         query_start[len(out.chunks) + 1 :] = at
         adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
+        lora_stacks = None
+        if self.adapters is not None:
+            at = 0
+            for chunk in out.chunks:
+                f["lora_slots"][at : at + chunk.num_tokens] = self.adapters.slot_of(chunk.seq.request.adapter_id)
+                at += chunk.num_tokens
+            lora_stacks = self.adapters.stacks
         # The packed buffer goes straight into the jitted call: one host-to-device copy.
         sampled, next_tokens, self.kv_cache = self._jitted_step(
-            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, layout=buffers.layout,
+            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks,
+            layout=buffers.layout,
         )
         return sampled, next_tokens
 
