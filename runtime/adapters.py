@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from models.config import ModelConfig
 from models.lora import LoraAdapter, LoraStacks, empty_stacks, read_adapter, write_slot
@@ -187,3 +188,21 @@ class AdapterManager:
     def has_retired(self) -> bool:
         with self._lock:
             return any(v.retired for v in self._versions.values())
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """An engine client that serves adapters and reloads its base model (runtime/async_engine.py's
+    AsyncEngine); serving checks for it rather than reaching into the engine."""
+
+    @property
+    def adapters(self) -> AdapterManager | None: ...
+
+    async def load_adapter(self, name: str, path: str) -> AdapterVersion: ...
+
+    def unload_adapter(self, name: str) -> AdapterVersion: ...
+
+    @property
+    def model_version(self) -> int: ...
+
+    async def reload_model(self, model_dir: str, drain_timeout_s: float = 120.0) -> tuple[int, float, float]: ...

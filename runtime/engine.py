@@ -83,6 +83,14 @@ class EngineStats:
     engine_step_faults: int = 0
     engine_reinitialisations: int = 0
     kv_events_dropped: int = 0  # KV events no consumer took before the ring (max_kv_events) overflowed
+    max_lora: int = 0  # adapter slots; 0: no adapters served
+    running_lora_adapters: str = ""  # comma-separated adapter names, as vLLM's lora_requests_info labels
+    waiting_lora_adapters: str = ""
+    lora_adapter_hits: int = 0
+    lora_adapter_misses: int = 0
+    lora_adapter_loads: int = 0
+    lora_adapter_evictions: int = 0
+    lora_adapter_load_seconds: float = 0.0
 
 
 class Engine:
@@ -149,6 +157,7 @@ class Engine:
         waiting = {s.request.request_id for s in self.scheduler.waiting} - running
         prefix = self.blocks.stats
         return EngineStats(
+            **self._adapter_stats(),
             num_requests_running=len(running),
             num_requests_waiting=len(waiting),
             kv_cache_usage_perc=self.blocks.usage,
@@ -164,6 +173,19 @@ class Engine:
             engine_reinitialisations=self.counters.reinitialisations,
             kv_events_dropped=self.blocks.num_events_dropped,
         )
+
+    def _adapter_stats(self) -> dict:
+        if self.adapters is None:
+            return {}
+        c = self.adapters.counters
+
+        def names(seqs) -> str:
+            return ",".join(sorted({s.request.adapter_id.rpartition("@")[0] for s in seqs} - {""}))
+
+        return dict(max_lora=self.adapters.max_loras, running_lora_adapters=names(self.scheduler.running),
+                    waiting_lora_adapters=names(self.scheduler.waiting), lora_adapter_hits=c.hits,
+                    lora_adapter_misses=c.misses, lora_adapter_loads=c.loads, lora_adapter_evictions=c.evictions,
+                    lora_adapter_load_seconds=c.load_seconds)
 
     def cache_config_info(self) -> dict[str, str]:
         """Labels of the `cache_config_info` metric (vLLM's names where it has them)."""
