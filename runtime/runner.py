@@ -109,7 +109,7 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
-        self._warmed: list[tuple[int, bool]] = []  # (bucket, adjust) programs warm_up compiled
+        self._warmed: list[tuple[int, bool, bool]] = []  # (bucket, adjust, lora) programs warm_up compiled
         self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
                          for b in token_buckets}
         # What a step reads for tokens it takes from the device when the previous step drew none.
@@ -138,11 +138,15 @@ class Runner:
         (A benchmark that sends no penalties may skip the adjusted variant.)"""
         started = time.perf_counter()
         self._commit_no_previous()
+        # With adapter slots, a step whose batch uses no adapter runs the program without the
+        # LoRA products: base-model traffic pays nothing for them.
+        lora_variants = (False, True) if self.adapters is not None else (False,)
         for bucket in self.token_buckets:
             for adjust in adjust_variants:
-                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
-                if (bucket, adjust) not in self._warmed:
-                    self._warmed.append((bucket, adjust))
+                for lora in lora_variants:
+                    jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
+                    if (bucket, adjust, lora) not in self._warmed:
+                        self._warmed.append((bucket, adjust, lora))
         return time.perf_counter() - started
 
     def _commit_no_previous(self) -> None:
@@ -174,8 +178,8 @@ class Runner:
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
         self._jitted_step = self._jit_step()
         self._commit_no_previous()
-        for bucket, adjust in self._warmed or [(self.token_buckets[0], False)]:
-            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
+        for bucket, adjust, lora in self._warmed or [(self.token_buckets[0], False, False)]:
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
         return time.perf_counter() - started
 
     def swap_weights(self, model: LoadedModel) -> None:
@@ -195,7 +199,8 @@ class Runner:
         """Start the step on the device and return without waiting for it. Tokens the scheduler
         left pending (PENDING_TOKEN) are the ones `previous` draws; they never visit the host."""
         adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
-        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous)
+        lora = self.adapters is not None and any(c.seq.request.adapter_id for c in out.chunks)
+        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous, lora)
         rows = {c.seq.seq_id: row for row, c in enumerate(out.chunks) if c.samples}
         return InFlightStep(out, sampled, next_tokens, rows, time.perf_counter())
 
@@ -217,8 +222,8 @@ class Runner:
                 logprobs[sid] = (float(chosen[row]), top_ids[row, :n].tolist(), top_lps[row, :n].tolist())
         return StepResult(tokens, logprobs, time.perf_counter() - step.dispatched_at, waited)
 
-    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool,
-                 previous: InFlightStep | None) -> tuple[SampledTokens, jax.Array]:
+    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
+                 lora: bool = False) -> tuple[SampledTokens, jax.Array]:
         buffers = self._buffers[bucket]
         packed, f = buffers.next()
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
@@ -250,7 +255,7 @@ class Runner:
         adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
         lora_stacks = None
-        if self.adapters is not None:
+        if lora:
             at = 0
             for chunk in out.chunks:
                 f["lora_slots"][at : at + chunk.num_tokens] = self.adapters.slot_of(chunk.seq.request.adapter_id)
