@@ -5,7 +5,8 @@ On the demo model (models/demo) unless --model is given:
   and the first copy into a device slot (what a miss costs the step that needs it);
 - decode: 8 greedy requests x 64 tokens, with no adapter slots, with slots but every request on
   the base model, and with the requests spread over 4 adapters (rank 16);
-- model reload: AsyncEngine.reload_model of the same folder, idle and under 8 streams.
+- model reload: AsyncEngine.reload_model of the same folder, idle and under 8 streams of 256
+  tokens (the switch waits for the running streams to finish: drain time is their remaining length).
 
     .venv/bin/python perf/lora_reload_bench.py [--out perf/results/lora_reload_cpu.md]
 """
@@ -59,14 +60,14 @@ def _decode_tok_s(engine, adapters: list[str]) -> float:
 async def _reload_under_load(engine, model: Path, streams: int) -> tuple[int, float, float]:
     from runtime.request import SamplingParams
 
-    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
 
     async def stream(i: int):
         async for _ in engine.generate([3 + i, 4, 5, 6], params):
             pass
 
     tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)
     result = await engine.reload_model(str(model))
     await asyncio.gather(*tasks)
     return result
@@ -107,13 +108,16 @@ def main() -> None:
                     f"{statistics.median(times) * 1e3:.1f} ms | first slot copy {copy * 1e3:.1f} ms |")
 
     plain = _engine(model)
-    no_slots = _decode_tok_s(plain, [""])
     for i in range(4):
         base.adapters.load(f"a{i}", folders[16])
-    on_base = _decode_tok_s(base, [""])
-    spread = _decode_tok_s(base, [f"a{i}" for i in range(4)])
-    rows.append(f"| decode, 8 requests x 64 tokens, no adapter slots | {no_slots:.0f} tok/s | |")
-    rows.append(f"| same, 4 slots of rank 64, every request on the base model | {on_base:.0f} tok/s | "
+    rounds = {"plain": [], "base": [], "spread": []}
+    for _ in range(3):  # interleaved, medians: the shared machine's load drifts by the minute
+        rounds["plain"].append(_decode_tok_s(plain, [""]))
+        rounds["base"].append(_decode_tok_s(base, [""]))
+        rounds["spread"].append(_decode_tok_s(base, [f"a{i}" for i in range(4)]))
+    no_slots, on_base, spread = (statistics.median(rounds[k]) for k in ("plain", "base", "spread"))
+    rows.append(f"| decode, 8 requests x 64 tokens, no adapter slots (median of 3) | {no_slots:.0f} tok/s | |")
+    rows.append(f"| same, 4 slots of rank 64, every request on the base model (the step without LoRA products) | {on_base:.0f} tok/s | "
                 f"{on_base / no_slots:.2f}x |")
     rows.append(f"| same, requests over 4 adapters | {spread:.0f} tok/s | {spread / no_slots:.2f}x |")
 
