@@ -28,6 +28,9 @@ from models.config import ModelConfig
 from models.lora import LoraAdapter, LoraStacks, empty_stacks, read_adapter, write_slot
 
 
+BIND_GRACE_S = 30.0
+
+
 class AdapterNotFound(LookupError):
     """A request or an unload named an adapter that is not loaded."""
 
@@ -69,6 +72,7 @@ class AdapterManager:
         self._current: dict[str, AdapterVersion] = {}  # name -> the version new requests get
         self._versions: dict[str, AdapterVersion] = {}  # version id -> every version still held
         self._numbers = itertools.count(1)
+        self._bound: dict[str, float] = {}  # version id -> when a request was last bound to it
         self._slots: OrderedDict[str, int] = OrderedDict()  # version id -> slot, least recently used first
         self._free = list(range(max_loras, 0, -1))
 
@@ -109,8 +113,9 @@ class AdapterManager:
         """The version id a new request for `name` is bound to."""
         with self._lock:
             version = self._current.get(name)
-        if version is None:
-            raise AdapterNotFound(name)
+            if version is None:
+                raise AdapterNotFound(name)
+            self._bound[version.version_id] = time.monotonic()
         return version.version_id
 
     def served(self) -> list[AdapterVersion]:
@@ -174,12 +179,17 @@ class AdapterManager:
             self.stacks = write_slot(self.stacks, slot, version.adapter)
             self._slots[version_id] = slot
 
-    def sweep(self, live: set[str]) -> None:
-        """Forget retired versions no request holds any more, and free their slots."""
+    def sweep(self, live: set[str], grace_s: float = BIND_GRACE_S) -> None:
+        """Forget retired versions no request holds any more, and free their slots. A version a
+        request was bound to in the last `grace_s` is kept: that request may be on its way from
+        the caller's thread to the engine's (made, not yet queued)."""
+        now = time.monotonic()
         with self._lock:
-            dead = [v for v, version in self._versions.items() if version.retired and v not in live]
+            dead = [v for v, version in self._versions.items()
+                    if version.retired and v not in live and now - self._bound.get(v, -1e9) > grace_s]
             for version_id in dead:
                 del self._versions[version_id]
+                self._bound.pop(version_id, None)
         for version_id in dead:
             if version_id in self._slots:
                 self._free.append(self._slots.pop(version_id))

@@ -199,14 +199,18 @@ class AsyncEngine:
         from runtime.model_reload import ModelSwitch, prepare_model
 
         started = time.perf_counter()
-        model = await asyncio.to_thread(prepare_model, self.engine.model, model_dir, self.engine.tokenizer.max_token_id)
+        model = await asyncio.to_thread(prepare_model, self.engine.model, model_dir, self.engine.tokenizer.max_token_id,
+                                        self.engine.model_dir or None)
         loaded = time.perf_counter()
         switch = ModelSwitch(model, str(model_dir))
         self.start()
         self._send(("switch", switch))
         try:
-            version = await asyncio.wait_for(asyncio.wrap_future(switch.future), drain_timeout_s)
+            version = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(switch.future)), drain_timeout_s)
         except TimeoutError:
+            if switch.future.cancel() is False and not switch.future.cancelled():  # the switch had begun
+                version = await asyncio.wrap_future(switch.future)
+                return version, loaded - started, time.perf_counter() - loaded
             self._send(("cancel_switch", switch))
             raise TimeoutError(f"the running requests did not finish within {drain_timeout_s:.0f}s; "
                                "the old model still serves") from None

@@ -108,6 +108,8 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.blocks)
         self.scheduler.admission_gate = self._may_start
+        if config.max_loras and model.mesh.size > 1:
+            raise ValueError("LoRA adapters are served on one device only (max_loras with tensor_parallel > 1)")
         self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype)
                          if config.max_loras else None)
         self.runner = Runner(
@@ -399,6 +401,8 @@ class Engine:
             flight, self._in_flight = self._in_flight, None
             outputs = self._settle(flight, None)
         switch, self._pending_switch = self._pending_switch, None
+        if not switch.begin():  # the caller timed out and cancelled it
+            return outputs
         try:
             self.runner.swap_weights(switch.model)
         except Exception as e:  # noqa: BLE001 - reported to the caller; the served model stays

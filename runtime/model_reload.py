@@ -29,8 +29,13 @@ class ModelReloadError(ValueError):
     """The new model cannot replace the served one; the message says why."""
 
 
-def prepare_model(served: LoadedModel, model_dir: str | Path, tokenizer_max_id: int | None = None) -> LoadedModel:
-    """The model in `model_dir`, laid out as `served`, or ModelReloadError."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def prepare_model(served: LoadedModel, model_dir: str | Path, tokenizer_max_id: int | None = None,
+                  served_dir: str | Path | None = None) -> LoadedModel:
+    """The model in `model_dir`, laid out as `served`, or ModelReloadError. The tokenizer is not
+    reloaded: its files must be the served folder's byte for byte."""
     try:
         model = load_model(model_dir, served.dtype, mesh=served.mesh, max_token_id=tokenizer_max_id)
     except (OSError, ValueError) as e:
@@ -38,6 +43,12 @@ def prepare_model(served: LoadedModel, model_dir: str | Path, tokenizer_max_id: 
     if model.cfg != served.cfg:  # the compiled step holds the config (RoPE, norms, windows) as constants
         raise ModelReloadError(f"the model in {model_dir} has another config.json than the served model; only new "
                                "weights for the same architecture and settings hot-reload")
+    if served_dir is not None:
+        for name in TOKENIZER_FILES:
+            old, new = Path(served_dir) / name, Path(model_dir) / name
+            if old.exists() != new.exists() or (old.exists() and old.read_bytes() != new.read_bytes()):
+                raise ModelReloadError(f"the model in {model_dir} has another tokenizer ({name} differs); only new "
+                                       "weights with the same tokenizer hot-reload")
     model = lay_out(model, served.layout)
     old_leaves, old_def = jax.tree.flatten(served.state)
     new_leaves, new_def = jax.tree.flatten(model.state)
@@ -60,8 +71,13 @@ class ModelSwitch:
     requested_at: float = field(default_factory=time.perf_counter)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
+    def begin(self) -> bool:
+        """The engine is about to switch: False if the caller gave up (timed out) first."""
+        return self.future.set_running_or_notify_cancel()
+
     def done(self, version: int) -> None:
         self.future.set_result(version)
 
     def fail(self, error: BaseException) -> None:
-        self.future.set_exception(error)
+        if not self.future.done():
+            self.future.set_exception(error)

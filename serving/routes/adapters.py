@@ -11,7 +11,7 @@ from ops.audit import audit_event
 from runtime.adapters import AdapterManager, AdapterNotFound, AdapterVersion
 from serving.auth.guard import needs, principal_of
 from serving.auth.principal import ADAPTER_MANAGER, ADMIN, READ
-from serving.errors import APIError, bad_request
+from serving.errors import bad_request
 from serving.hot_reload import reload_model
 from serving.middleware import request_record
 from serving.protocol.adapters import (

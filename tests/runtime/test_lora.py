@@ -97,8 +97,10 @@ def test_slots_evict_by_lru_and_loading_never_compiles(adapters):
     c = engine.adapters.counters
     assert (c.loads, c.evictions, c.misses) == (3, 2, 3)
     assert first.adapter_id == "small@1" and again.adapter_id == "small@3"
-    snap = engine.adapters.snapshot()
-    assert [a["version"] for a in snap["adapters"]] == ["big@2", "small@3"]  # small@1 swept once unused
+    held = [(a["version"], a["retired"]) for a in engine.adapters.snapshot()["adapters"]]
+    assert held == [("small@1", True), ("big@2", False), ("small@3", False)]  # bound lately: kept a while
+    engine.adapters.sweep(set(), grace_s=0)
+    assert [a["version"] for a in engine.adapters.snapshot()["adapters"]] == ["big@2", "small@3"]
     assert done[again.request_id][0].token_ids  # served
 
 

@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import random
+import shutil
 import time
 
 import httpx
@@ -114,16 +115,23 @@ def test_load_list_select_unload_and_refusals(server, folders, audit_stream):
                        ("adapter.load", "failure", "big"), ("adapter.unload", "success", "sql")]
 
 
-def test_reload_refuses_another_architecture_and_keeps_serving(server, checkpoint, audit_stream):
+def test_reload_refuses_another_architecture_or_tokenizer_and_keeps_serving(server, checkpoint, folders, audit_stream,
+                                                                           tmp_path):
+    retokenized = tmp_path / "retokenized"
+    shutil.copytree(folders["base2"], retokenized)
+    config = json.loads((retokenized / "tokenizer_config.json").read_text())
+    (retokenized / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
     with httpx.Client(base_url=server.url, timeout=60) as c:
         before = _complete(c, NAME, PROMPTS[1]).json()["choices"][0]["text"]
         r = c.post("/admin/models/reload", json={"model_path": str(checkpoint("qwen3"))})
         assert_error(r, 400, code="model_reload_failed", message_has="architecture")
+        r = c.post("/admin/models/reload", json={"model_path": str(retokenized)})
+        assert_error(r, 400, code="model_reload_failed", message_has="tokenizer_config.json differs")
         assert_error(c.post("/admin/models/reload", json={"model_path": "/nonexistent"}), 400,
                      code="model_reload_failed")
         assert _complete(c, NAME, PROMPTS[1]).json()["choices"][0]["text"] == before
     assert [x["outcome"] for x in map(json.loads, audit_stream.getvalue().splitlines())
-            if x["action"] == "model.reload"] == ["failure", "failure"]
+            if x["action"] == "model.reload"] == ["failure"] * 3
 
 
 async def _answers(url: str, models: list[str]) -> dict[tuple[str, str], str]:
