@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -86,7 +87,8 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.state.owns_engine:  # SIGHUP reloads the served folder (serving/hot_reload.py)
+        # SIGHUP reloads the served folder (serving/hot_reload.py); signals reach the main thread only.
+        if self.state.owns_engine and threading.current_thread() is threading.main_thread():
             from serving.hot_reload import reload_on_signal
 
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_on_signal(self.state)))

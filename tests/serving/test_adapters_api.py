@@ -232,3 +232,49 @@ def test_32_streams_while_adapters_churn_and_the_base_reloads_twice(server, fold
     assert not mixed, mixed[:3]
     print(f"churn: {len(results)} streams, {len(reloads)} reloads: "
           + ", ".join(f"load {r['load_seconds']:.2f}s switch {r['switch_seconds']:.2f}s" for r in reloads))
+
+
+def test_sighup_reloads_the_served_folder_with_adapters_from_the_command_line(folders, tmp_path):
+    """`tessera serve` in its own process (one token bucket, no warm-up, as the SIGTERM test):
+    --lora-modules loads an adapter at start; new weights written into the served folder are
+    served after SIGHUP, as version 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.serving.test_http_lifecycle import _free_port, _ready
+    from tests.serving.conftest import wait_until
+
+    served = tmp_path / "served"
+    shutil.copytree(folders["base"], served)
+    env = {**os.environ, "TESSERA_MODEL": str(served), "TESSERA_SERVED_MODEL_NAME": "sub",
+           "TESSERA_MAX_NUM_SEQS": "4", "TESSERA_MAX_NUM_BATCHED_TOKENS": "8", "TESSERA_MAX_MODEL_LEN": "128",
+           "TESSERA_TOKEN_BUCKETS": "8", "TESSERA_NUM_BLOCKS": "64", "TESSERA_WARM_UP": "false",
+           "TESSERA_ALLOW_UNSIGNED": "true", "TESSERA_MAX_LORAS": "1", "TESSERA_MAX_LORA_RANK": "8",
+           "TESSERA_LORA_MODULES": f"sql={folders['p1']}"}
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port)], env=env,
+                               cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _ready(url) or process.poll() is not None, 120, 0.2)
+        assert process.poll() is None, process.stdout.read()
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["sub", "sql"]
+            before = _complete(c, "sub", PROMPTS[2]).json()["choices"][0]["text"]
+            shutil.copy(folders["base2"] / "model.safetensors", served / "model.safetensors")
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: c.get("/v1/models").json()["data"][0]["version"] == 2, 60, 0.2)
+            after = _complete(c, "sub", PROMPTS[2]).json()["choices"][0]["text"]
+            assert after != before
+            assert _complete(c, "sql", PROMPTS[2]).status_code == 200  # the adapter serves on the new base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
