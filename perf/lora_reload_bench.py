@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def main() -> None:
               f"{_cpu()} (shared development machine), jax {jax.__version__}, model `{model.name}` "
               f"({model}), float32, max_lora_rank 64 (slots are as wide as the largest rank).\n\n"
               "| what | time | note |\n|---|---|---|\n")
+    shutil.rmtree(tmp, ignore_errors=True)
     text = header + "\n".join(rows) + "\n"
     print(text)
     if args.out:
