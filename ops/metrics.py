@@ -59,6 +59,12 @@ _CUMULATIVE = {
     "engine_step_faults": "Engine steps that raised; the requests they were computing failed.",
     "engine_reinitialisations": "Faults that took the KV cache with them: cache and compiled step rebuilt.",
     "kv_events_dropped": "KV cache events dropped because no consumer took them before the ring filled.",
+    # Tessera's: LoRA adapters (runtime/adapters.py).
+    "lora_adapter_hits": "Requests whose LoRA adapter was already in a device slot.",
+    "lora_adapter_misses": "Requests whose LoRA adapter had to be copied from host memory into a slot.",
+    "lora_adapter_loads": "LoRA adapters loaded (read, checked and registered), replacements included.",
+    "lora_adapter_evictions": "Device slots taken from one LoRA adapter for another (least recently used).",
+    "lora_adapter_load_seconds": "Seconds spent loading LoRA adapters (reading and checking their files).",
 }
 
 
@@ -140,6 +146,12 @@ class TesseraMetrics:
         self.set_backend(backend)
         if cache_config:
             self._info("cache_config_info", "Information of the LLMEngine CacheConfig", cache_config)
+        # vLLM's: one series whose labels list the adapters running and waiting, valued at the
+        # time of the update (the previous series is removed, so the labels are always now's).
+        self._lora_info = Gauge(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                                registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
         if execution_plan:
             self._info("execution_plan", "How the engine computes, chosen once at load: attention, weight products "
                        "and their layout, dtype, sampling.", execution_plan)
@@ -168,6 +180,13 @@ class TesseraMetrics:
             self._seen[name] = value
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
+        max_lora = getattr(stats, "max_lora", 0)
+        if max_lora:
+            labels = (str(max_lora), getattr(stats, "running_lora_adapters", ""), getattr(stats, "waiting_lora_adapters", ""))
+            if labels != self._lora_labels:
+                self._lora_info.clear()
+                self._lora_labels = labels
+            self._lora_info.labels(self.model_name, *labels).set_to_current_time()
 
     def on_request_finished(self, timings: Any, finished_reason: str) -> None:
         """Count the request and observe its latencies (`RequestTimings` from the engine).

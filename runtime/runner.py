@@ -20,7 +20,9 @@ from jaxtyping import Array, Int
 
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
+from models.lora import LoraInputs, LoraStacks
 from models.loader import LoadedModel
+from runtime.adapters import AdapterManager
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
@@ -40,6 +42,7 @@ def _step(
     packed: Int[Array, " size"],
     previous_tokens: Int[Array, " max_rows"],
     adjustments: LogitAdjustments | None,
+    lora_stacks: LoraStacks | None,
     *,
     layout: StepLayout,
     max_rows: int,
@@ -57,7 +60,9 @@ def _step(
                            backend=attention, mesh=attention_mesh)
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
-    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"])
+    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
+    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
+                                      lora)
     sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
     next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
     return sampled, next_tokens, kv_cache
@@ -84,8 +89,11 @@ class InFlightStep:
 
 class Runner:
     def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...]):
+                 max_model_len: int, token_buckets: tuple[int, ...], adapters: AdapterManager | None = None):
         self.model = model
+        # Adapter weights are step arguments (stacked slots), never constants: loading one
+        # replaces arrays of the same shape and compiles nothing.
+        self.adapters = adapters
         self.attention_backend = plan.attention
         kernel_per_device = runs_per_device(plan.attention) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
@@ -101,7 +109,7 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
-        self._warmed: list[tuple[int, bool]] = []  # (bucket, adjust) programs warm_up compiled
+        self._warmed: list[tuple[int, bool, bool]] = []  # (bucket, adjust, lora) programs warm_up compiled
         self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
                          for b in token_buckets}
         # What a step reads for tokens it takes from the device when the previous step drew none.
@@ -130,11 +138,15 @@ class Runner:
         (A benchmark that sends no penalties may skip the adjusted variant.)"""
         started = time.perf_counter()
         self._commit_no_previous()
+        # With adapter slots, a step whose batch uses no adapter runs the program without the
+        # LoRA products: base-model traffic pays nothing for them.
+        lora_variants = (False, True) if self.adapters is not None else (False,)
         for bucket in self.token_buckets:
             for adjust in adjust_variants:
-                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
-                if (bucket, adjust) not in self._warmed:
-                    self._warmed.append((bucket, adjust))
+                for lora in lora_variants:
+                    jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
+                    if (bucket, adjust, lora) not in self._warmed:
+                        self._warmed.append((bucket, adjust, lora))
         return time.perf_counter() - started
 
     def _commit_no_previous(self) -> None:
@@ -166,9 +178,18 @@ class Runner:
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
         self._jitted_step = self._jit_step()
         self._commit_no_previous()
-        for bucket, adjust in self._warmed or [(self.token_buckets[0], False)]:
-            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
+        for bucket, adjust, lora in self._warmed or [(self.token_buckets[0], False, False)]:
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
         return time.perf_counter() - started
+
+    def swap_weights(self, model: LoadedModel) -> None:
+        """Serve `model`'s weights from the next step on. Its state must have the same structure,
+        shapes and dtypes as the served one (runtime/model_reload.py checks), so every compiled
+        step program is reused as it is."""
+        leaves, state_def = jax.tree.flatten(model.state)
+        if state_def != self._state_def:
+            raise ValueError("the new weights are not laid out as the served ones")
+        self.model, self._state_leaves = model, leaves
 
     def run(self, out: SchedulerOutput) -> StepResult:
         """Dispatch and read back at once (no overlap)."""
@@ -178,7 +199,8 @@ class Runner:
         """Start the step on the device and return without waiting for it. Tokens the scheduler
         left pending (PENDING_TOKEN) are the ones `previous` draws; they never visit the host."""
         adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
-        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous)
+        lora = self.adapters is not None and any(c.seq.request.adapter_id for c in out.chunks)
+        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous, lora)
         rows = {c.seq.seq_id: row for row, c in enumerate(out.chunks) if c.samples}
         return InFlightStep(out, sampled, next_tokens, rows, time.perf_counter())
 
@@ -200,8 +222,8 @@ class Runner:
                 logprobs[sid] = (float(chosen[row]), top_ids[row, :n].tolist(), top_lps[row, :n].tolist())
         return StepResult(tokens, logprobs, time.perf_counter() - step.dispatched_at, waited)
 
-    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool,
-                 previous: InFlightStep | None) -> tuple[SampledTokens, jax.Array]:
+    def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
+                 lora: bool = False) -> tuple[SampledTokens, jax.Array]:
         buffers = self._buffers[bucket]
         packed, f = buffers.next()
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
@@ -238,9 +260,17 @@ class Runner:
         query_start[len(out.chunks) + 1 :] = at
         adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
+        lora_stacks = None
+        if lora:
+            at = 0
+            for chunk in out.chunks:
+                f["lora_slots"][at : at + chunk.num_tokens] = self.adapters.slot_of(chunk.seq.request.adapter_id)
+                at += chunk.num_tokens
+            lora_stacks = self.adapters.stacks
         # The packed buffer goes straight into the jitted call: one host-to-device copy.
         sampled, next_tokens, self.kv_cache = self._jitted_step(
-            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, layout=buffers.layout,
+            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks,
+            layout=buffers.layout,
         )
         return sampled, next_tokens
 

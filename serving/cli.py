@@ -138,6 +138,15 @@ def _add_identity_commands(sub) -> None:
     listing = _add_client(key_sub, "list", "list API keys (never the keys themselves)", sampling=False)
     listing.add_argument("--tenant", help="only this tenant's keys")
     _add_client(key_sub, "revoke", "revoke an API key", sampling=False).add_argument("key_id", help="the key's id")
+    adapters = sub.add_parser("adapters", help="load, unload and list LoRA adapters on a running server")
+    adapter_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    load = _add_client(adapter_sub, "load", "load a PEFT LoRA adapter folder (on the server's disk) under a name "
+                                            "(scope adapter-manager)", sampling=False)
+    load.add_argument("name", help="the model name requests will use")
+    load.add_argument("path", help="the adapter folder, as the server sees it")
+    _add_client(adapter_sub, "unload", "stop serving an adapter (scope adapter-manager)",
+                sampling=False).add_argument("name", help="the adapter's name")
+    _add_client(adapter_sub, "list", "adapters, their slots, hits and load times (scope read)", sampling=False)
     _add_client(sub, "whoami", "show the subject, tenant and scopes the server sees for your credentials",
                 sampling=False)
 
@@ -222,6 +231,7 @@ def _client_command(args: argparse.Namespace) -> int:
 
     command = f"keys {args.keys_command}" if args.command == "keys" else args.command
     command = f"transcripts {args.transcripts_command}" if args.command == "transcripts" else command
+    command = f"adapters {args.adapters_command}" if args.command == "adapters" else command
     try:
         if args.command == "transcripts" and args.transcripts_command == "show" and Path(args.transcript).is_file():
             from serving import ui_client
@@ -232,6 +242,8 @@ def _client_command(args: argparse.Namespace) -> int:
             return _ui_command(args)
         if args.command == "keys":
             return _keys_command(args)
+        if args.command == "adapters":
+            return _adapters_command(args)
         if args.command == "whoami":
             me = admin_client.whoami(args.url) or {}
             print("\n".join(f"{k}: {','.join(v) if isinstance(v, list) else v}" for k, v in me.items()))
@@ -281,6 +293,16 @@ def _keys_command(args: argparse.Namespace) -> int:
     if args.keys_command == "list":
         return admin_client.list_keys(args.url, args.tenant)
     return admin_client.revoke_key(args.url, args.key_id)
+
+
+def _adapters_command(args: argparse.Namespace) -> int:
+    from serving import admin_client
+
+    if args.adapters_command == "load":
+        return admin_client.load_adapter(args.url, args.name, args.path)
+    if args.adapters_command == "unload":
+        return admin_client.unload_adapter(args.url, args.name)
+    return admin_client.list_adapters(args.url)
 
 
 def _login(args: argparse.Namespace) -> int:

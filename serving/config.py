@@ -61,6 +61,13 @@ class ServerConfig:
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
+    # -- LoRA adapters and hot reload (BUILD_NOTES "Multi-LoRA and hot reload") -----------------
+    max_loras: int = _setting(0, "LoRA adapters on the device at once (more stay in host memory, swapped in by LRU); "
+                                 "0 serves no adapters")
+    max_lora_rank: int = _setting(16, "the largest LoRA rank an adapter may have")
+    lora_modules: str | None = _setting(None, "adapters to load at start-up, e.g. 'sql=/adapters/sql,chat=/a/chat'")
+    reload_drain_timeout_s: float = _setting(120.0, "model reload: seconds to wait for running requests to finish "
+                                                    "before switching (the old model keeps serving past it)")
     # -- admission and shutdown ---------------------------------------------------------------
     max_queue: int = _setting(64, "requests that may wait beyond max_num_seqs running ones; more get 429")
     drain_timeout_s: float = _setting(30.0, "on SIGTERM, seconds to let in-flight requests finish")
@@ -189,6 +196,8 @@ class ServerConfig:
         _require(0 < self.autoscale_target <= 1, "autoscale_target", self.autoscale_target, "must be in (0, 1]")
         _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
+        _require(self.reload_drain_timeout_s > 0, "reload_drain_timeout_s", self.reload_drain_timeout_s, "must be > 0")
+        self.lora_module_paths()
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
         self._check_access()
         self.engine_config()
@@ -252,7 +261,19 @@ class ServerConfig:
             token_buckets=buckets,
             attention_backend=self.attention,
             linear=self.linear,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
         )
+
+    def lora_module_paths(self) -> dict[str, str]:
+        """--lora-modules as name -> folder."""
+        modules = {}
+        for item in filter(None, (x.strip() for x in (self.lora_modules or "").split(","))):
+            name, sep, path = item.partition("=")
+            _require(bool(sep and name.strip() and path.strip()), "lora_modules", item, "must be NAME=PATH")
+            modules[name.strip()] = path.strip()
+        _require(not modules or self.max_loras > 0, "lora_modules", self.lora_modules, "needs --max-loras >= 1")
+        return modules
 
     def tenant_sample_ratios(self) -> dict[str, float]:
         ratios: dict[str, float] = {}

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from litestar import Request
 
+from runtime.adapters import AdapterNotFound
 from runtime.engine_client import EngineDeadError, EngineStepError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
@@ -22,7 +23,7 @@ from runtime.request import SamplingParams
 from serving.errors import APIError, ClientDisconnected, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
-from serving.state import ServerState
+from serving.state import ServerState, model_not_found
 
 T = TypeVar("T")
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -65,6 +66,8 @@ class Generation:
                                                  **self.engine_fields) for i, ids in enumerate(self.prompts)]
         except ValueError as e:
             raise from_engine_error(e, prompt_param) from None
+        except AdapterNotFound as e:  # unloaded since the model name was checked
+            raise model_not_found(str(e), self.server.model_name) from None
 
     @property
     def num_prompt_tokens(self) -> int:

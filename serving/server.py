@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -51,6 +53,8 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
+    for adapter, path in config.lora_module_paths().items():
+        engine.adapters.load(adapter, path)  # a refused adapter stops start-up (AdapterError), naming it
     if config.warm_up:
         engine.warm_up()
     name = served_name(config, model_dir)
@@ -83,6 +87,11 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        # SIGHUP reloads the served folder (serving/hot_reload.py); signals reach the main thread only.
+        if self.state.owns_engine and threading.current_thread() is threading.main_thread():
+            from serving.hot_reload import reload_on_signal
+
+            self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_on_signal(self.state)))
         await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:

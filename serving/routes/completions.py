@@ -60,7 +60,7 @@ class CompletionsController(Controller):
         if guard is not None:
             texts_out = [await guard.check_output(text) for text in texts_out]
         body = CompletionResponse(
-            id=response_id, created=created, model=server.model_name, usage=generation.usage(),
+            id=response_id, created=created, model=generation.record.model, usage=generation.usage(),
             choices=[
                 CompletionChoice(
                     index=c.index,
@@ -92,10 +92,10 @@ async def _events(server: ServerState, generation: Generation, data: CompletionR
             logprobs = _logprobs(server, o.logprobs or [], offsets[index]) if data.logprobs is not None else None
             offsets[index] += len(text)
             choice = CompletionChoice(index, text, logprobs, o.finish_reason, o.stop_reason)
-            yield sse_event(CompletionChunk(response_id, created, server.model_name, [choice],
+            yield sse_event(CompletionChunk(response_id, created, generation.record.model, [choice],
                                             generation.usage() if every_chunk else None))
     if final_usage:
-        yield sse_event(CompletionChunk(response_id, created, server.model_name, [], generation.usage()))
+        yield sse_event(CompletionChunk(response_id, created, generation.record.model, [], generation.usage()))
 
 
 def _logprobs(server: ServerState, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
