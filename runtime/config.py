@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.kv_tiers import KvTierConfig
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -37,6 +39,8 @@ class EngineConfig:
     """"pallas", "cpu", "reference" or "pallas_interpret"; None = by device (runtime/backend.py)."""
     linear: str | None = None
     """Weight products: "xla", "cpu" or "packed"; None = by device, dtype and shapes (runtime/backend.py)."""
+    kv_tiers: KvTierConfig | None = None
+    """Host memory and disk tiers below the device's prefix cache (runtime/kv_tiers.py); None = device only."""
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -21,11 +21,15 @@ on; a fault that took the KV cache with it reinitialises the runner (runtime/fau
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from models.config import generation_defaults
 from models.loader import LoadedModel, lay_out, load_model
@@ -37,6 +41,7 @@ from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
+from runtime.kv_tiers import KvTiers, StoredBlock, TierStats
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence
 from runtime.request_limits import RequestLimits, check_request
@@ -82,6 +87,8 @@ class EngineStats:
     engine_step_faults: int = 0
     engine_reinitialisations: int = 0
     kv_events_dropped: int = 0  # KV events no consumer took before the ring (max_kv_events) overflowed
+    kv_tiers: tuple[tuple[str, TierStats], ...] = ()  # (tier name, copy of its figures) below the device
+    kv_tier_pending_writes: int = 0  # blocks queued for the disk tier, not yet committed
 
 
 class Engine:
@@ -109,6 +116,7 @@ class Engine:
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
+        self.kv_tiers = self._open_kv_tiers(config, model)
 
     @classmethod
     def from_model_dir(
@@ -121,6 +129,25 @@ class Engine:
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
         return engine
+
+    def _open_kv_tiers(self, config: EngineConfig, model: LoadedModel) -> KvTiers | None:
+        """The tiers below the device, their blocks re-advertised as KV events. Their digest covers
+        the model's and the page's dtype and size, so pages of another layout are never loaded."""
+        if config.kv_tiers is None or not config.enable_prefix_caching:
+            return None
+        layout = f"{config.kv_tiers.model_digest}\0{model.dtype}\0{config.block_size}\0{config.model_id}"
+        tiers = KvTiers(dataclasses.replace(config.kv_tiers, model_digest=hashlib.sha256(layout.encode()).hexdigest()))
+        self.blocks.tier = tiers
+        tiers.on_removed.append(self.blocks.note_tier_removed)
+        for block in tiers.restored:
+            self.blocks.note_tier_stored(block.key, block.parent, block.token_ids)
+        log.info("KV tiers: %d blocks restored from %s", len(tiers.restored), config.kv_tiers.disk_dir)
+        return tiers
+
+    def close(self) -> None:
+        """Flush the tiers below the device (their queued writes) and close them."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()
 
     @property
     def limits(self) -> RequestLimits:
@@ -155,6 +182,9 @@ class Engine:
             engine_step_faults=self.counters.step_faults,
             engine_reinitialisations=self.counters.reinitialisations,
             kv_events_dropped=self.blocks.num_events_dropped,
+            kv_tiers=tuple((name, dataclasses.replace(t)) for name, t in self.kv_tiers.stats().items())
+            if self.kv_tiers else (),
+            kv_tier_pending_writes=self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0,
         )
 
     def cache_config_info(self) -> dict[str, str]:
@@ -173,6 +203,8 @@ class Engine:
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
+        if self.kv_tiers is not None:
+            self.runner.warm_up_page_transfers()
         log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
         return seconds
 
@@ -281,6 +313,9 @@ class Engine:
 
     def _dispatch(self, batch: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep:
         self.faults.before_step(self.runner.kv_cache)
+        loads = self.blocks.take_pending_loads()
+        if loads:  # pages found in a tier below: on the device before the step that reads them
+            self.runner.write_pages(list(loads), np.stack(list(loads.values())))
         flight = self.runner.dispatch(batch, previous)
         self.scheduler.commit(batch)
         return flight
@@ -301,6 +336,8 @@ class Engine:
         result = self.runner.collect(flight)
         batch = flight.batch
         grown = self.scheduler.complete(batch, result.tokens)
+        if self.kv_tiers is not None:
+            self._save_to_tiers()
         self.counters.steps += 1
         self.counters.computed_tokens += batch.num_tokens
         self.counters.generation_tokens += len(grown)
@@ -315,6 +352,15 @@ class Engine:
         for request, _ in by_request.values():
             self._note_tokens(request, now)
         return [self._request_output(request, outs) for request, outs in by_request.values()]
+
+    def _save_to_tiers(self) -> None:
+        """Copy the pages `complete` just cached to the tiers below (write-through)."""
+        blocks = self.blocks.take_blocks_to_save()
+        if not blocks:
+            return
+        pages = self.runner.read_pages([page for _, page in blocks])
+        for (stored, _), data in zip(blocks, pages):
+            self.kv_tiers.save(StoredBlock(stored.keys[0], stored.parent_key, stored.token_ids), data)
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from jaxtyping import Array, Int
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.loader import LoadedModel
+from runtime import kv_transfer
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
@@ -169,6 +170,17 @@ class Runner:
         for bucket, adjust in self._warmed or [(self.token_buckets[0], False)]:
             jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
         return time.perf_counter() - started
+
+    # -- pages to and from the tiers below the device (runtime/kv_tiers.py) ------------------
+
+    def read_pages(self, page_ids: list[int]) -> np.ndarray:
+        return kv_transfer.read_pages(self.kv_cache, page_ids)
+
+    def write_pages(self, page_ids: list[int], data: np.ndarray) -> None:
+        self.kv_cache = kv_transfer.write_pages(self.kv_cache, page_ids, data)
+
+    def warm_up_page_transfers(self) -> None:
+        self.kv_cache = kv_transfer.warm_up(self.kv_cache)
 
     def run(self, out: SchedulerOutput) -> StepResult:
         """Dispatch and read back at once (no overlap)."""

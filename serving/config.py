@@ -59,6 +59,11 @@ class ServerConfig:
     max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
                                           "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
+    kv_disk_dir: str | None = _setting(None, "folder of the disk KV tier: cached pages are also kept in host memory "
+                                             "and block files there, survive restarts and load back on a prefix "
+                                             "hit; unset: the device's cache only")
+    kv_host_gib: float = _setting(1.0, "host memory KV tier, GiB (with kv_disk_dir)")
+    kv_disk_gib: float = _setting(16.0, "disk KV tier, GiB of block files (with kv_disk_dir)")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
     # -- admission and shutdown ---------------------------------------------------------------
@@ -175,6 +180,8 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         _require(self.max_kv_events >= 0, "max_kv_events", self.max_kv_events, "must be >= 0")
+        _require(self.kv_host_gib >= 0, "kv_host_gib", self.kv_host_gib, "must be >= 0")
+        _require(self.kv_disk_gib > 0, "kv_disk_gib", self.kv_disk_gib, "must be > 0")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")

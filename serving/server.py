@@ -50,6 +50,12 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     check_trust(config, model_dir)
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
+    if config.kv_disk_dir:
+        from runtime.kv_tiers import KvTierConfig
+        from serving.registry import model_digest
+
+        engine_config.kv_tiers = KvTierConfig(config.kv_disk_dir, model_digest(model_dir),
+                                              int(config.kv_host_gib * 2**30), int(config.kv_disk_gib * 2**30))
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
     if config.warm_up:
         engine.warm_up()
