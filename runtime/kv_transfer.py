@@ -1,9 +1,10 @@
 """Pages between the device's KV cache and the host, for the tiers below it (runtime/kv_tiers.py).
 
 One block's K/V on the host is an array [layers, 2 (keys, values), page_size, kv_heads,
-head_dim]. Page counts are padded to powers of two so each direction compiles a few
-programs, not one per count; padded reads repeat page 0, padded writes go to an index past
-the end, which the scatter drops.
+head_dim]. Page counts are padded to one of PAGE_BUCKETS so each direction compiles two
+programs, not one per count (they compile in well under the second the persistent cache
+asks for, so each start compiles them again: few is fast); padded reads repeat page 0,
+padded writes go to an index past the end, which the scatter drops.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from jaxtyping import Array, Float, Int
 
 from models.kv_cache import KVCache
 
-MAX_PAGES_PER_CALL = 64
+PAGE_BUCKETS = (4, 32)
+MAX_PAGES_PER_CALL = PAGE_BUCKETS[-1]
 
 
 def _padded(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    return next(b for b in PAGE_BUCKETS if b >= n)
 
 
 @jax.jit
@@ -65,9 +67,7 @@ def write_pages(kv_cache: KVCache, page_ids: list[int], data: np.ndarray) -> KVC
 def warm_up(kv_cache: KVCache) -> KVCache:
     """Compile both directions for every padded count (writes page ids past the end: no change)."""
     num_pages = kv_cache[0][0].shape[0]
-    n = 1
-    while n <= MAX_PAGES_PER_CALL:
+    for n in PAGE_BUCKETS:
         data = np.asarray(jax.device_get(_gather(kv_cache, np.zeros(n, np.int32))))
         kv_cache = _scatter(kv_cache, np.full(n, num_pages, np.int32), data)
-        n *= 2
     return kv_cache
