@@ -154,6 +154,9 @@ class TesseraMetrics:
         )
         self._backends: set[str] = set()
         self.set_backend(backend)
+        self._backend_changes = Counter(PREFIX + "backend_mode_changes", "Failover mode changes, by the backend "
+                                        "serving after the change (cpu_fallback while the accelerator is out).",
+                                        ["model_name", "backend"], registry=r)
         self._kv_tier_gauges = {
             field: Gauge(PREFIX + name, doc, ["model_name", "tier"], registry=r)
             for field, name, doc in _KV_TIER_GAUGES
@@ -253,6 +256,11 @@ class TesseraMetrics:
             if key in stats:
                 self.set_device_memory(kind, int(stats[key]))
         return stats
+
+    def note_backend_mode(self, backend: str) -> None:
+        """A mode change of the failover (runtime/failover.py): the backend now serving, counted."""
+        self.set_backend(backend)
+        self._backend_changes.labels(self.model_name, backend).inc()
 
     def set_backend(self, backend: str) -> None:
         """Mark `backend` as the one in service (1) and every backend seen before as out (0)."""

@@ -120,10 +120,13 @@ class Engine:
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1
+        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1,
+        devices: list | None = None,
     ) -> Engine:
+        """`devices`: where the model runs (default: jax's default backend's); the CPU fallback
+        (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel), max_token_id=tokenizer.max_token_id)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
         engine = cls(model, tokenizer, config)
@@ -363,6 +366,16 @@ class Engine:
             self.kv_tiers.save(StoredBlock(stored.keys[0], stored.parent_key, stored.token_ids), data)
 
     # -- faults ---------------------------------------------------------------------------
+
+    def recover(self) -> float:
+        """After the engine died (EngineUnrecoverable; runtime/failover.py): forget every request,
+        then rebuild the cache and step and probe the device (raises while it still fails)."""
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id, FinishReason.ERROR)
+        self._in_flight = None
+        self.blocks.reset_prefix_cache()
+        self.faults.before_probe()
+        return self.runner.reinitialise()
 
     def _fail_step(self, batch: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """Fail the requests this step was computing; rebuild the cache and step if the fault

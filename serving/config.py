@@ -64,6 +64,12 @@ class ServerConfig:
                                              "hit; unset: the device's cache only")
     kv_host_gib: float = _setting(1.0, "host memory KV tier, GiB (with kv_disk_dir)")
     kv_disk_gib: float = _setting(16.0, "disk KV tier, GiB of block files (with kv_disk_dir)")
+    cpu_fallback: str = _setting("auto", "when the accelerator's engine fails: serve small prompts with the same "
+                                         "model on the CPU; warm (built at start), lazy (built on failure), off; "
+                                         "auto: lazy on an accelerator, off on a CPU")
+    cpu_fallback_max_prompt_tokens: int = _setting(256, "largest prompt served on the CPU fallback; larger ones "
+                                                        "get 503 with Retry-After while the accelerator is out")
+    cpu_fallback_probe_interval_s: float = _setting(10.0, "seconds between probes of a failed accelerator")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
     # -- admission and shutdown ---------------------------------------------------------------
@@ -182,6 +188,12 @@ class ServerConfig:
         _require(self.max_kv_events >= 0, "max_kv_events", self.max_kv_events, "must be >= 0")
         _require(self.kv_host_gib >= 0, "kv_host_gib", self.kv_host_gib, "must be >= 0")
         _require(self.kv_disk_gib > 0, "kv_disk_gib", self.kv_disk_gib, "must be > 0")
+        _require(self.cpu_fallback in ("auto", "warm", "lazy", "off"), "cpu_fallback", self.cpu_fallback,
+                 "must be auto, warm, lazy or off")
+        _require(self.cpu_fallback_max_prompt_tokens >= 0, "cpu_fallback_max_prompt_tokens",
+                 self.cpu_fallback_max_prompt_tokens, "must be >= 0")
+        _require(self.cpu_fallback_probe_interval_s > 0, "cpu_fallback_probe_interval_s",
+                 self.cpu_fallback_probe_interval_s, "must be > 0")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")

@@ -16,6 +16,7 @@ from typing import TypeVar
 from litestar import Request
 
 from runtime.engine_client import EngineDeadError, EngineStepError
+from runtime.failover import BackendDegradedError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
@@ -65,6 +66,8 @@ class Generation:
                                                  **self.engine_fields) for i, ids in enumerate(self.prompts)]
         except ValueError as e:
             raise from_engine_error(e, prompt_param) from None
+        except BackendDegradedError as e:  # the accelerator is out and this prompt is too large for the CPU
+            raise APIError(503, str(e), code="backend_degraded", headers={"Retry-After": str(e.retry_after_s)}) from None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -60,7 +60,36 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     if config.warm_up:
         engine.warm_up()
     name = served_name(config, model_dir)
-    return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
+    front = AsyncEngine(engine, metrics=observability.make_metrics(name, engine))
+    return with_cpu_fallback(front, engine.plan.platform, engine.backend_mode(), config, model_dir), name
+
+
+def with_cpu_fallback(primary: EngineClient, platform: str, backend: str, config: ServerConfig,
+                      model_dir: str | Path) -> EngineClient:
+    """The engine behind runtime/failover.py's FailoverEngine when --cpu-fallback asks for one."""
+    mode = config.cpu_fallback
+    if mode == "auto":
+        mode = "off" if platform == "cpu" else "lazy"
+    if mode == "off":
+        return primary
+    from runtime.failover import FailoverConfig, FailoverEngine, recover_async_engine
+
+    def build_fallback() -> EngineClient:
+        import jax
+
+        from runtime.async_engine import AsyncEngine
+        from runtime.engine import Engine
+
+        engine_config = config.engine_config()  # no KV tiers: their folder belongs to the primary
+        engine_config.attention_backend = engine_config.linear = None  # the CPU's own choices
+        engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, devices=jax.devices("cpu"))
+        if config.warm_up:
+            engine.warm_up()
+        return AsyncEngine(engine)
+
+    failover = FailoverConfig(config.cpu_fallback_max_prompt_tokens, keep_warm=mode == "warm",
+                              probe_interval_s=config.cpu_fallback_probe_interval_s)
+    return FailoverEngine(primary, build_fallback, recover_async_engine, failover, accelerator_label=backend)
 
 
 def build_server_state(config: ServerConfig, engine: EngineClient | None = None) -> ServerState:
