@@ -163,8 +163,9 @@ class FailoverEngine:
         return (self._fallback if self.mode == CPU_FALLBACK and self._fallback else self._primary).stats()
 
     def health(self) -> EngineHealth:
-        if self.mode == CPU_FALLBACK and self._fallback is not None:
-            return self._fallback.health()  # degraded but serving: alive
+        if self.mode == CPU_FALLBACK:
+            fallback = self._fallback.health() if self._fallback is not None else EngineHealth(False, "starting")
+            return EngineHealth(fallback.running, fallback.error, CPU_FALLBACK)  # degraded but serving: alive
         return self._primary.health()
 
     def kv_events(self) -> AsyncIterator[KVEvent]:

@@ -98,6 +98,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                **convert.request_fields(message))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:  # degraded (runtime/failover.py): too large for its CPU; a gateway tries another
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend_degraded: {e}")
         self.num_in_flight += 1
         try:
             # Closing the stream (a cancelled call ends this generator) aborts the request.
@@ -231,10 +233,16 @@ class WorkerServer:
         return self.port
 
     async def _set_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.engine.health().running
+        engine_health = self.engine.health()
+        status = (health_pb2.HealthCheckResponse.SERVING if engine_health.running
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for service in ("", SERVICE):
             await self.health.set(service, status)
+        registration = self.registration
+        if registration is not None and registration.record.backend_mode != engine_health.mode:
+            registration.record.backend_mode = engine_health.mode  # the gateway prefers accelerator workers
+            with contextlib.suppress(Exception):
+                await registration.update()
 
     async def _watch_health(self) -> None:
         while True:  # the engine's state, as the health service reports it

@@ -135,3 +135,40 @@ def test_streams_end_cleanly_small_prompts_move_to_the_cpu_and_the_accelerator_r
     assert metric(url, "tessera:backend_mode_changes_total", backend="cpu") == 1
     assert [mode for _, mode in engine.mode_changes] == [CPU_FALLBACK, ACCELERATOR]
     print(f"16 streams: {finished} finished, {errored} error events, {16 - finished - errored} refused with 503")
+
+
+def test_the_worker_record_in_etcd_follows_the_backend_mode():
+    """The worker re-writes its etcd record when its engine's mode changes (the gateway reads
+    `backend_mode` and prefers accelerator workers: tests/serving/test_routing.py)."""
+    import asyncio
+
+    from runtime.engine_client import EngineHealth
+    from serving.registry import WorkerRecord
+    from serving.worker import WorkerServer
+
+    class Engine:
+        health_now = EngineHealth(True)
+
+        def health(self):
+            return self.health_now
+
+    class Registration:
+        def __init__(self):
+            self.record, self.written = WorkerRecord("w1", "127.0.0.1:1"), []
+
+        async def update(self):
+            self.written.append(WorkerRecord.from_json(self.record.to_json()).backend_mode)
+
+    async def go():
+        engine = Engine()
+        server = WorkerServer(engine, worker_id="w1")
+        server.registration = Registration()
+        await server._set_health()
+        engine.health_now = EngineHealth(True, None, CPU_FALLBACK)
+        await server._set_health()
+        await server._set_health()
+        engine.health_now = EngineHealth(True)
+        await server._set_health()
+        return server.registration.written
+
+    assert asyncio.run(go()) == [CPU_FALLBACK, ACCELERATOR]
