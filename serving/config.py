@@ -32,7 +32,11 @@ class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "TCP port to listen on")
     # -- the model ----------------------------------------------------------------------------
-    model: str | None = _setting(None, "Hugging Face model folder; unset serves the default (demo) model")
+    model: str | None = _setting(None, "Hugging Face model folder, or s3://bucket/prefix (downloaded once to "
+                                       "model_cache_dir, signature checked before any weight is read), or "
+                                       "file://PATH; unset serves the default (demo) model")
+    model_cache_dir: str | None = _setting(None, "local copies of object-store models, one folder per listing "
+                                                 "(keys, sizes, ETags); default: ~/.cache/tessera/models")
     served_model_name: str | None = _setting(
         None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")

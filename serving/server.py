@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 
 def served_name(config: ServerConfig, model_dir: str | Path) -> str:
     # The default model answers to "demo", whichever folder currently provides it.
-    return config.served_model_name or ("demo" if config.model is None else Path(model_dir).resolve().name)
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model is None:
+        return "demo"
+    from serving.model_store import is_remote, model_name
+
+    return model_name(config.model) if is_remote(config.model) else Path(model_dir).resolve().name
 
 
 def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
@@ -102,7 +108,7 @@ def build_server_state(config: ServerConfig, engine: EngineClient | None = None)
                            guardrails=guardrails)
     from serving.default_model import resolve_model
 
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model, config.model_cache_dir)
     engine, name = build_async_engine(config, model_dir)
     return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics, guardrails=guardrails)
 

@@ -286,7 +286,7 @@ def worker_main(config) -> int:
     observability.configure(config)
     if config.mig_device:  # before jax creates its GPU client: this process sees only that slice
         os.environ["CUDA_VISIBLE_DEVICES"] = config.mig_device
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model, config.model_cache_dir)
     engine, _ = build_async_engine(config, model_dir)
     tls = (config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_ca) if config.grpc_tls_cert else None
     server = WorkerServer(engine, host=config.host, port=config.grpc_port, worker_id=config.worker_id,
