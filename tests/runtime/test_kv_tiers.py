@@ -12,8 +12,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from runtime.block_manager import ROOT_KEY, BlockManager, BlockRemoved, BlockStored
-from runtime.kv_tiers import KvTierConfig, KvTiers, StoredBlock
+from runtime.block_manager import ROOT_KEY, BlockManager, BlockRemoved, BlockStored, block_key
+from runtime.kv_tiers import KvTierConfig, KvTiers, StoredBlock, encode_block
 from runtime.request import Request, SamplingParams
 
 DIGEST = "d" * 64
@@ -90,7 +90,7 @@ def test_another_model_digest_never_sees_the_blocks(tmp_path):
 
 def test_each_tier_is_bounded_and_evicts_its_least_recently_used(tmp_path):
     nbytes = _block(0)[1].nbytes
-    file_size = len(__import__("runtime.kv_tiers", fromlist=["x"]).encode_block(*_block(0)[:1], DIGEST, _block(0)[1])[0])
+    file_size = len(encode_block(_block(0)[0], DIGEST, _block(0)[1])[0])
     tiers = _tiers(tmp_path, host_bytes=2 * nbytes, disk_bytes=3 * file_size)
     removed = []
     tiers.on_removed.append(removed.append)
@@ -169,7 +169,6 @@ def test_a_load_never_takes_the_pages_the_sequence_still_needs(tmp_path):
     tiers = _tiers(tmp_path)
     keys = []
     parent = ROOT_KEY
-    from runtime.block_manager import block_key
     for b in range(3):
         key = block_key(parent, list(range(b * 4, b * 4 + 4)), "m", "", "")
         tiers.save(StoredBlock(key, parent, tuple(range(b * 4, b * 4 + 4))), np.zeros(SHAPE, np.float32))
