@@ -159,8 +159,8 @@ class BlockManager:
                 block_id = self._load_from_tier(key, seq, hits)
                 if block_id is None:
                     break
-            elif block_id in self._free:
-                self._free.move_to_end(block_id)  # a use: and loads below must not evict it
+            elif self.tier is not None and block_id in self._free:
+                self._free.move_to_end(block_id)  # loads from the tier below must not evict it
             hits.append(block_id)
         return hits
 
