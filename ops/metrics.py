@@ -68,6 +68,22 @@ _CUMULATIVE = {
 }
 
 
+# KV tiers below the device: (TierStats field, metric name, help), each labelled by tier.
+_KV_TIER_GAUGES = (
+    ("bytes", "kv_tier_usage_bytes", "Bytes of KV blocks held by the tier."),
+    ("capacity_bytes", "kv_tier_capacity_bytes", "The tier's bound, bytes."),
+    ("blocks", "kv_tier_blocks", "KV blocks held by the tier."),
+)
+_KV_TIER_COUNTERS = (
+    ("hits", "kv_tier_hits", "Prefix lookups the tier answered (a device miss found there)."),
+    ("loads", "kv_tier_loads", "KV blocks read from the tier towards the device."),
+    ("load_seconds", "kv_tier_load_seconds", "Seconds spent reading blocks from the tier."),
+    ("evictions", "kv_tier_evictions", "KV blocks the tier evicted (least recently used) to stay in its bound."),
+    ("dropped", "kv_tier_dropped", "KV blocks dropped as torn, corrupted or of another model (checked on start "
+                                   "and on load)."),
+)
+
+
 class EngineStatsLike(Protocol):
     num_requests_running: int
     num_requests_waiting: int
@@ -144,6 +160,20 @@ class TesseraMetrics:
         )
         self._backends: set[str] = set()
         self.set_backend(backend)
+        self._backend_changes = Counter(PREFIX + "backend_mode_changes", "Failover mode changes, by the backend "
+                                        "serving after the change (cpu_fallback while the accelerator is out).",
+                                        ["model_name", "backend"], registry=r)
+        self._kv_tier_gauges = {
+            field: Gauge(PREFIX + name, doc, ["model_name", "tier"], registry=r)
+            for field, name, doc in _KV_TIER_GAUGES
+        }
+        self._kv_tier_counters = {
+            field: Counter(PREFIX + name, doc, ["model_name", "tier"], registry=r)
+            for field, name, doc in _KV_TIER_COUNTERS
+        }
+        self._kv_tier_seen: dict[tuple[str, str], float] = {}
+        self.kv_tier_pending_writes = gauge("kv_tier_pending_writes", "KV blocks queued for the disk tier, not yet "
+                                            "committed.")
         if cache_config:
             self._info("cache_config_info", "Information of the LLMEngine CacheConfig", cache_config)
         # vLLM's: one series whose labels list the adapters running and waiting, valued at the
@@ -187,6 +217,21 @@ class TesseraMetrics:
                 self._lora_info.clear()
                 self._lora_labels = labels
             self._lora_info.labels(self.model_name, *labels).set_to_current_time()
+        self._on_kv_tiers(getattr(stats, "kv_tiers", ()), getattr(stats, "kv_tier_pending_writes", 0))
+
+    def _on_kv_tiers(self, tiers, pending_writes: int) -> None:
+        """Per tier below the device (runtime/kv_tiers.py): gauges of now, counters by growth."""
+        for tier, figures in tiers:
+            for field, gauge in self._kv_tier_gauges.items():
+                gauge.labels(self.model_name, tier).set(getattr(figures, field))
+            for field, counter in self._kv_tier_counters.items():
+                value = getattr(figures, field)
+                grown = value - self._kv_tier_seen.get((tier, field), 0)
+                if grown > 0:
+                    counter.labels(self.model_name, tier).inc(grown)
+                self._kv_tier_seen[(tier, field)] = value
+        if tiers:
+            self.kv_tier_pending_writes.set(pending_writes)
 
     def on_request_finished(self, timings: Any, finished_reason: str) -> None:
         """Count the request and observe its latencies (`RequestTimings` from the engine).
@@ -230,6 +275,11 @@ class TesseraMetrics:
             if key in stats:
                 self.set_device_memory(kind, int(stats[key]))
         return stats
+
+    def note_backend_mode(self, backend: str) -> None:
+        """A mode change of the failover (runtime/failover.py): the backend now serving, counted."""
+        self.set_backend(backend)
+        self._backend_changes.labels(self.model_name, backend).inc()
 
     def set_backend(self, backend: str) -> None:
         """Mark `backend` as the one in service (1) and every backend seen before as out (0)."""

@@ -99,6 +99,10 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - closing the tiers must not stop the shutdown
+            log.exception("closing the engine failed")
 
     @property
     def num_in_flight(self) -> int:

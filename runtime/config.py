@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.kv_tiers import KvTierConfig
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -41,6 +43,8 @@ class EngineConfig:
     """LoRA adapters on the device at once (slots of the step); 0 serves no adapters."""
     max_lora_rank: int = 16
     """The largest adapter rank taken; every slot is this wide."""
+    kv_tiers: KvTierConfig | None = None
+    """Host memory and disk tiers below the device's prefix cache (runtime/kv_tiers.py); None = device only."""
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

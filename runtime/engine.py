@@ -21,11 +21,15 @@ on; a fault that took the KV cache with it reinitialises the runner (runtime/fau
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from models.config import generation_defaults
 from models.loader import LoadedModel, lay_out, load_model
@@ -38,6 +42,7 @@ from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
+from runtime.kv_tiers import KvTiers, StoredBlock, TierStats
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence, SequenceStatus
 from runtime.request_limits import RequestLimits, check_request
@@ -91,6 +96,8 @@ class EngineStats:
     lora_adapter_loads: int = 0
     lora_adapter_evictions: int = 0
     lora_adapter_load_seconds: float = 0.0
+    kv_tiers: tuple[tuple[str, TierStats], ...] = ()  # (tier name, copy of its figures) below the device
+    kv_tier_pending_writes: int = 0  # blocks queued for the disk tier, not yet committed
 
 
 class Engine:
@@ -126,19 +133,42 @@ class Engine:
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
+        self.kv_tiers = self._open_kv_tiers(config, model)
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1
+        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1,
+        devices: list | None = None,
     ) -> Engine:
+        """`devices`: where the model runs (default: jax's default backend's); the CPU fallback
+        (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel), max_token_id=tokenizer.max_token_id)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
         engine.model_dir = str(model_dir)
         return engine
+
+    def _open_kv_tiers(self, config: EngineConfig, model: LoadedModel) -> KvTiers | None:
+        """The tiers below the device, their blocks re-advertised as KV events. Their digest covers
+        the model's and the page's dtype and size, so pages of another layout are never loaded."""
+        if config.kv_tiers is None or not config.enable_prefix_caching:
+            return None
+        layout = f"{config.kv_tiers.model_digest}\0{model.dtype}\0{config.block_size}\0{config.model_id}"
+        tiers = KvTiers(dataclasses.replace(config.kv_tiers, model_digest=hashlib.sha256(layout.encode()).hexdigest()))
+        self.blocks.tier = tiers
+        tiers.on_removed.append(self.blocks.note_tier_removed)
+        for block in tiers.restored:
+            self.blocks.note_tier_stored(block.key, block.parent, block.token_ids)
+        log.info("KV tiers: %d blocks restored from %s", len(tiers.restored), config.kv_tiers.disk_dir)
+        return tiers
+
+    def close(self) -> None:
+        """Flush the tiers below the device (their queued writes) and close them."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()
 
     @property
     def limits(self) -> RequestLimits:
@@ -174,6 +204,9 @@ class Engine:
             engine_step_faults=self.counters.step_faults,
             engine_reinitialisations=self.counters.reinitialisations,
             kv_events_dropped=self.blocks.num_events_dropped,
+            kv_tiers=tuple((name, dataclasses.replace(t)) for name, t in self.kv_tiers.stats().items())
+            if self.kv_tiers else (),
+            kv_tier_pending_writes=self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0,
         )
 
     def _adapter_stats(self) -> dict:
@@ -205,6 +238,8 @@ class Engine:
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
+        if self.kv_tiers is not None:
+            self.runner.warm_up_page_transfers()
         log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
         return seconds
 
@@ -329,6 +364,9 @@ class Engine:
             if self.adapters.has_retired:
                 self.adapters.sweep({r.adapter_id for r in self.scheduler.requests.values()})
             self.adapters.activate({c.seq.request.adapter_id for c in batch.chunks})
+        loads = self.blocks.take_pending_loads()
+        if loads:  # pages found in a tier below: on the device before the step that reads them
+            self.runner.write_pages(list(loads), np.stack(list(loads.values())))
         flight = self.runner.dispatch(batch, previous)
         self.scheduler.commit(batch)
         return flight
@@ -349,6 +387,8 @@ class Engine:
         result = self.runner.collect(flight)
         batch = flight.batch
         grown = self.scheduler.complete(batch, result.tokens)
+        if self.kv_tiers is not None:
+            self._save_to_tiers()
         self.counters.steps += 1
         self.counters.computed_tokens += batch.num_tokens
         self.counters.generation_tokens += len(grown)
@@ -418,7 +458,26 @@ class Engine:
         switch.done(self.model_version)
         return outputs
 
+    def _save_to_tiers(self) -> None:
+        """Copy the pages `complete` just cached to the tiers below (write-through)."""
+        blocks = self.blocks.take_blocks_to_save()
+        if not blocks:
+            return
+        pages = self.runner.read_pages([page for _, page in blocks])
+        for (stored, _), data in zip(blocks, pages):
+            self.kv_tiers.save(StoredBlock(stored.keys[0], stored.parent_key, stored.token_ids), data)
+
     # -- faults ---------------------------------------------------------------------------
+
+    def recover(self) -> float:
+        """After the engine died (EngineUnrecoverable; runtime/failover.py): forget every request,
+        then rebuild the cache and step and probe the device (raises while it still fails)."""
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id, FinishReason.ERROR)
+        self._in_flight = None
+        self.blocks.reset_prefix_cache()
+        self.faults.before_probe()
+        return self.runner.reinitialise()
 
     def _fail_step(self, batch: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """Fail the requests this step was computing; rebuild the cache and step if the fault

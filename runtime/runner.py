@@ -23,6 +23,7 @@ from models.kv_cache import AttentionMetadata, KVCache
 from models.lora import LoraInputs, LoraStacks
 from models.loader import LoadedModel
 from runtime.adapters import AdapterManager
+from runtime import kv_transfer
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
@@ -190,6 +191,17 @@ class Runner:
         if state_def != self._state_def:
             raise ValueError("the new weights are not laid out as the served ones")
         self.model, self._state_leaves = model, leaves
+
+    # -- pages to and from the tiers below the device (runtime/kv_tiers.py) ------------------
+
+    def read_pages(self, page_ids: list[int]) -> np.ndarray:
+        return kv_transfer.read_pages(self.kv_cache, page_ids)
+
+    def write_pages(self, page_ids: list[int], data: np.ndarray) -> None:
+        self.kv_cache = kv_transfer.write_pages(self.kv_cache, page_ids, data)
+
+    def warm_up_page_transfers(self) -> None:
+        self.kv_cache = kv_transfer.warm_up(self.kv_cache)
 
     def run(self, out: SchedulerOutput) -> StepResult:
         """Dispatch and read back at once (no overlap)."""

@@ -195,11 +195,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ops.kms import KMSError
     from ops.model_signing import ModelSignatureError
+    from serving.model_store import ModelStoreError
 
     try:
         return serve(ServerConfig.from_sources(args))
     except ModelSignatureError as e:  # names the changed, extra or missing file
         print(f"tessera serve: refused to load the model: {e}", file=sys.stderr)
+        return 2
+    except ModelStoreError as e:  # names the object
+        print(f"tessera serve: cannot fetch the model: {e}", file=sys.stderr)
         return 2
     except KMSError as e:
         print(f"tessera serve: error: {e}", file=sys.stderr)

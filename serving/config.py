@@ -32,7 +32,11 @@ class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "TCP port to listen on")
     # -- the model ----------------------------------------------------------------------------
-    model: str | None = _setting(None, "Hugging Face model folder; unset serves the default (demo) model")
+    model: str | None = _setting(None, "Hugging Face model folder, or s3://bucket/prefix (downloaded once to "
+                                       "model_cache_dir, signature checked before any weight is read), or "
+                                       "file://PATH; unset serves the default (demo) model")
+    model_cache_dir: str | None = _setting(None, "local copies of object-store models, one folder per listing "
+                                                 "(keys, sizes, ETags); default: ~/.cache/tessera/models")
     served_model_name: str | None = _setting(
         None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
@@ -59,6 +63,17 @@ class ServerConfig:
     max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
                                           "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
+    kv_disk_dir: str | None = _setting(None, "folder of the disk KV tier: cached pages are also kept in host memory "
+                                             "and block files there, survive restarts and load back on a prefix "
+                                             "hit; unset: the device's cache only")
+    kv_host_gib: float = _setting(1.0, "host memory KV tier, GiB (with kv_disk_dir)")
+    kv_disk_gib: float = _setting(16.0, "disk KV tier, GiB of block files (with kv_disk_dir)")
+    cpu_fallback: str = _setting("auto", "when the accelerator's engine fails: serve small prompts with the same "
+                                         "model on the CPU; warm (built at start), lazy (built on failure), off; "
+                                         "auto: lazy on an accelerator, off on a CPU")
+    cpu_fallback_max_prompt_tokens: int = _setting(256, "largest prompt served on the CPU fallback; larger ones "
+                                                        "get 503 with Retry-After while the accelerator is out")
+    cpu_fallback_probe_interval_s: float = _setting(10.0, "seconds between probes of a failed accelerator")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
     # -- LoRA adapters and hot reload (BUILD_NOTES "Multi-LoRA and hot reload") -----------------
@@ -182,6 +197,14 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         _require(self.max_kv_events >= 0, "max_kv_events", self.max_kv_events, "must be >= 0")
+        _require(self.kv_host_gib >= 0, "kv_host_gib", self.kv_host_gib, "must be >= 0")
+        _require(self.kv_disk_gib > 0, "kv_disk_gib", self.kv_disk_gib, "must be > 0")
+        _require(self.cpu_fallback in ("auto", "warm", "lazy", "off"), "cpu_fallback", self.cpu_fallback,
+                 "must be auto, warm, lazy or off")
+        _require(self.cpu_fallback_max_prompt_tokens >= 0, "cpu_fallback_max_prompt_tokens",
+                 self.cpu_fallback_max_prompt_tokens, "must be >= 0")
+        _require(self.cpu_fallback_probe_interval_s > 0, "cpu_fallback_probe_interval_s",
+                 self.cpu_fallback_probe_interval_s, "must be > 0")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")

@@ -255,11 +255,14 @@ class GatewayEngine:
             record = registry.WorkerRecord.from_json(value)
             old = self.handles.get(record.worker_id)
             if old is not None and old.record.address == record.address:
+                old.record = record  # the same worker re-written: its backend mode changed
+                old.view.degraded = record.backend_mode != "accelerator"
                 return
             if old is not None:
                 asyncio.ensure_future(old.close())
             handle = WorkerHandle(record, self)
             handle.view.drained = self._drained(record.worker_id)
+            handle.view.degraded = record.backend_mode != "accelerator"
             self.handles[record.worker_id] = handle
             self.router.workers[record.worker_id] = handle.view
             handle.start()

@@ -17,6 +17,7 @@ from litestar import Request
 
 from runtime.adapters import AdapterNotFound
 from runtime.engine_client import EngineDeadError, EngineStepError
+from runtime.failover import BackendDegradedError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
@@ -68,6 +69,8 @@ class Generation:
             raise from_engine_error(e, prompt_param) from None
         except AdapterNotFound as e:  # unloaded since the model name was checked
             raise model_not_found(str(e), self.server.model_name) from None
+        except BackendDegradedError as e:  # the accelerator is out and this prompt is too large for the CPU
+            raise APIError(503, str(e), code="backend_degraded", headers={"Retry-After": str(e.retry_after_s)}) from None
 
     @property
     def num_prompt_tokens(self) -> int:
