@@ -106,6 +106,9 @@ class Engine:
         self.counters = EngineCounters()
         self._texts: dict[int, SequenceText] = {}
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
+        # Sample 0's prompt logprobs by prompt position, filled as prefill chunks are read back and
+        # handed out with its first token (a recompute after preemption writes the same values).
+        self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
@@ -208,6 +211,8 @@ class Engine:
         self._timings[request.request_id] = RequestTimings(request.arrival_time, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
             self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
+        if request.params.prompt_logprobs is not None:
+            self._prompt_logprobs[request.sequences[0].seq_id] = [None] * request.num_prompt_tokens
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, **kwargs) -> Request:
         request = self.make_request(prompt, params, **kwargs)
@@ -218,6 +223,7 @@ class Engine:
         request = self.scheduler.abort(request_id, reason)
         if request is None:
             return None
+        self._prompt_logprobs.pop(request.sequences[0].seq_id, None)
         outputs = [
             CompletionOutput(s.index, self._texts.pop(s.seq_id).finish() if s.seq_id in self._texts else "", [],
                              None, reason.value)
@@ -307,14 +313,23 @@ class Engine:
         self.counters.step_seconds += result.seconds
         self.counters.device_wait_seconds += result.wait_seconds
 
+        for seq_id, scored in result.prompt_logprobs.items():
+            slots = self._prompt_logprobs.get(seq_id)
+            for position, logprob in scored if slots is not None else ():
+                slots[position] = logprob
+
         by_request: dict[str, tuple[Request, list[CompletionOutput]]] = {}
+        prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         for seq, token in grown:
             out = self._sample_output(seq, token, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
+            if seq.seq_id in self._prompt_logprobs:  # sample 0's first token: its prompt is done
+                prompt_logprobs[seq.request.request_id] = self._prompt_logprobs.pop(seq.seq_id)
         now = time.monotonic()
         for request, _ in by_request.values():
             self._note_tokens(request, now)
-        return [self._request_output(request, outs) for request, outs in by_request.values()]
+        return [self._request_output(request, outs, prompt_logprobs.get(request.request_id))
+                for request, outs in by_request.values()]
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -397,7 +412,8 @@ class Engine:
             seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
         )
 
-    def _request_output(self, request: Request, outputs: list[CompletionOutput]) -> RequestOutput:
+    def _request_output(self, request: Request, outputs: list[CompletionOutput],
+                        prompt_logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:
         now = time.monotonic()
         metrics = {"arrival_time": request.arrival_time}
         if request.first_token_time is not None:
@@ -422,6 +438,7 @@ class Engine:
             num_generated_tokens=timings.num_generation_tokens,
             metrics=metrics,
             timings=timings,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # -- convenience ----------------------------------------------------------------------

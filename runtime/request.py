@@ -41,6 +41,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N alternatives per generated token, N <= 20
+    prompt_logprobs: int | None = None  # top-N alternatives per prompt token (vLLM's field), computed at prefill
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -68,6 +69,9 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None:
+            _check(_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   self.prompt_logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop), "stop",
                self.stop, "must be a sequence of non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
@@ -174,6 +178,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether computing this sample's prompt must also give the prompt's logprobs: sample 0 of
+        a request that asked for them, before its first token. A cached prefix has no logits, so
+        such a prompt is computed in full (the scheduler skips the prefix cache for it)."""
+        return (self.index == 0 and self.request.params.prompt_logprobs is not None
+                and self.num_tokens == self.num_prompt_tokens)
 
     @property
     def seed(self) -> int:

@@ -86,6 +86,27 @@ def sample_tokens(
     return SampledTokens(tokens, chosen, top_ids, top_logits - lse[:, None])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Per token of the step: the logprob of the prompt token that follows it."""
+
+    logprobs: Float[Array, " tokens"]  # of the target token (meaningless where the target is -1)
+    ranks: Int[Array, " tokens"]  # 1 + tokens with a larger logit
+    top_ids: Int[Array, "tokens top"]
+    top_logprobs: Float[Array, "tokens top"]
+
+
+def prompt_logprobs(logits: Float[Array, "tokens vocab"], targets: Int[Array, " tokens"],
+                    summary_impl: str = "xla") -> PromptLogprobs:
+    """Logprobs of each position's next prompt token (`targets`, -1 for none), from the logits
+    the step computed for every position, normalised as the sampler's are (`_summary`)."""
+    top_logits, top_ids, lse = _summary(logits, min(NUM_TOP_LOGPROBS, logits.shape[-1]), summary_impl)
+    target_logits = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)
+    ranks = jnp.sum(logits > target_logits, axis=-1, dtype=jnp.int32) + 1
+    return PromptLogprobs(target_logits[:, 0] - lse, ranks, top_ids, top_logits - lse[:, None])
+
+
 def _summary(logits: Float[Array, "rows vocab"], k: int, impl: str):
     """(k largest logits, their ids, log-sum-exp) per row: logprob = logit - lse, so the full
     log-softmax is never materialised."""

@@ -211,7 +211,7 @@ class Scheduler:
             # the seats handed out earlier in this step.
             seq = min(candidates, key=lambda s: (s.request.priority, load[s.request.tenant], s.priority_key))
             candidates.remove(seq)
-            cached = self.blocks.find_cached_prefix(seq)
+            cached = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(seq)
             num_cached = len(cached) * self.blocks.block_size
             seq.num_computed_tokens = num_cached
             n = self._chunk_size(seq, budget, tenant_cap, spent)

@@ -56,6 +56,8 @@ class Generation:
     num_cached_tokens: int = 0
     requests: list[EngineRequest] = field(default_factory=list)
     """One checked engine request per prompt, made by `check`."""
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+    """By prompt index, once the engine has given them (params.prompt_logprobs)."""
 
     def check(self, prompt_param: str) -> None:
         """The engine's own checks (context length, vocabulary, n...), as 400s, before queueing."""
@@ -86,6 +88,8 @@ class Generation:
                 if prompt_index == 0:  # the logs and /debug keep the first choice's text
                     self.record.add_completion_text([o.text for o in output.outputs if o.index == 0])
                 self.record.finish_reasons += [o.finish_reason for o in output.outputs if o.finish_reason]
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = output.prompt_logprobs
                 if output.finished:
                     self.num_cached_tokens += output.num_cached_tokens
                     timings = getattr(output, "timings", None)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_LOGPROBS, PositiveInt, SamplingFields, Usage
+from serving.protocol.common import MAX_LOGPROBS, PositiveInt, PromptLogprob, SamplingFields, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -80,6 +80,8 @@ class ChatCompletionResponse(Struct):
     choices: list[ChatChoice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    """vLLM's, when asked for: the rendered prompt's tokens (not streamed)."""
 
 
 class ChatDelta(Struct, omit_defaults=True):

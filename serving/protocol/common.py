@@ -89,6 +89,17 @@ class SamplingFields(Struct, kw_only=True):
     """Lower runs first."""
     cache_salt: ShortText | None = None
     """Keeps this request's prefix-cache entries apart from other salts."""
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    """vLLM's: each prompt token's logprob and this many alternatives (the first token's is null).
+    Such a prompt is computed in full: the prefix cache holds no logits."""
+
+
+class PromptLogprob(Struct):
+    """vLLM's entry of `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 def encode_json(value) -> bytes:

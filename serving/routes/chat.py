@@ -12,6 +12,7 @@ from serving.errors import APIError, bad_request
 from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
 from serving.generation import Generation, sse_event
+from serving.prompt_logprobs import vllm_prompt_logprobs
 from serving.prompts import render_chat
 from serving.protocol.chat import (
     ChatChoice,
@@ -45,7 +46,7 @@ class ChatController(Controller):
         plain = plain_messages(data.messages)
         guard = RequestGuard.for_request(server, request, "chat")
         if guard is not None:
-            guard.refuse_logprobs(bool(data.logprobs))
+            guard.refuse_logprobs(bool(data.logprobs) or data.prompt_logprobs is not None)
             plain = await guard.check_messages(plain)  # before the template and the tokenizer
         with tokenize_stage(request):
             text, ids = await render_chat(server, plain, data.add_generation_prompt, data.chat_template_kwargs)
@@ -79,6 +80,8 @@ class ChatController(Controller):
                 )
                 for c, content in zip(choices, contents, strict=True)
             ],
+            prompt_logprobs=None if data.prompt_logprobs is None else
+            vllm_prompt_logprobs(server, generation.prompt_logprobs.get(0, []), data.prompt_logprobs),
         )
         return Response(body, headers=guard.headers()) if guard is not None else body
 
@@ -148,6 +151,9 @@ def _refuse_unsupported(data: ChatCompletionRequest) -> None:
         raise bad_request("tools (function calling) are not supported yet", "tools", "unsupported_parameter")
     if data.response_format is not None and data.response_format.get("type", "text") != "text":
         raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_parameter")
+    if data.prompt_logprobs is not None and data.stream:
+        raise bad_request("prompt_logprobs is answered only without streaming on this endpoint", "prompt_logprobs",
                           "unsupported_parameter")
     if data.top_logprobs is not None and not data.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
