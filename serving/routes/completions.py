@@ -122,7 +122,7 @@ async def _events(server: ServerState, generation: Generation, data: CompletionR
                   streams: list[ChoiceStream] | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
     only_prompt = data.max_tokens == 0
-    offsets: dict[int, int] = {}  # text offset of each choice so far
+    offsets: dict[int, int] = {}  # logprobs' text offset of each choice so far
     async for prompt_index, output in generation.outputs():
         for o in output.outputs:
             index = prompt_index * data.n + o.index
@@ -139,9 +139,9 @@ async def _events(server: ServerState, generation: Generation, data: CompletionR
             if not text and finish is None and not token_lps:
                 continue  # text held back (a partial character or a possible stop string)
             logprobs = _choice_logprobs(server, generation, data, prompt_index, token_lps, first)
-            if logprobs is not None:
+            if logprobs is not None:  # offsets count token texts, as the whole answer's do
                 logprobs.text_offset = [offsets[index] + at for at in logprobs.text_offset]
-            offsets[index] += len(text)
+                offsets[index] += sum(len(t) for t in logprobs.tokens)
             choice = CompletionChoice(index, text, logprobs, finish, stop,
                                       _vllm_prompt_logprobs(server, generation, data, prompt_index) if first else None)
             yield sse_event(CompletionChunk(response_id, created, server.model_name, [choice],
