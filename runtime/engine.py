@@ -42,6 +42,7 @@ from runtime.request import FinishReason, Request, SamplingParams, Sequence
 from runtime.request_limits import RequestLimits, check_request
 from runtime.runner import InFlightStep, Runner
 from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from runtime.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()
@@ -103,6 +104,7 @@ class Engine:
             config.resolved_token_buckets(),
         )
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer.to_json(), model.cfg.vocab_size, self.eos_token_ids)
         self.counters = EngineCounters()
         self._texts: dict[int, SequenceText] = {}
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
@@ -194,6 +196,8 @@ class Engine:
         """A checked request, not yet queued. Raises ValueError naming the bad field."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_request(ids, params, self.limits)
+        if params.guided is not None:
+            self.grammars.check(params.guided)  # compiled once; a bad spec is this request's ValueError
         return Request(
             request_id=request_id or f"req-{next(_request_ids)}",
             prompt_token_ids=ids,
@@ -211,6 +215,8 @@ class Engine:
         self._timings[request.request_id] = RequestTimings(request.arrival_time, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
             self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
+            if request.params.guided is not None:
+                seq.grammar = self.grammars.start(request.params.guided)
         if request.params.prompt_logprobs is not None:
             self._prompt_logprobs[request.sequences[0].seq_id] = [None] * request.num_prompt_tokens
 
@@ -321,6 +327,8 @@ class Engine:
         by_request: dict[str, tuple[Request, list[CompletionOutput]]] = {}
         prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         for seq, token in grown:
+            if seq.grammar is not None:
+                self._advance_grammar(seq, token)
             out = self._sample_output(seq, token, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
             if seq.seq_id in self._prompt_logprobs:  # sample 0's first token: its prompt is done
@@ -330,6 +338,14 @@ class Engine:
             self._note_tokens(request, now)
         return [self._request_output(request, outs, prompt_logprobs.get(request.request_id))
                 for request, outs in by_request.values()]
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """A drawn token moves the sample's grammar on; a complete grammar ends the sample."""
+        if not seq.grammar.consume(token) and not seq.is_finished:
+            log.warning("sequence %d drew token %d its grammar does not allow (%s)", seq.seq_id, token,
+                        seq.grammar.error or "rejected")
+        if seq.grammar.is_finished and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from runtime.structured import GuidedDecoding
+
+if TYPE_CHECKING:
+    from runtime.structured import SequenceGrammar
 
 MAX_LOGPROBS = 20
 MAX_N = 16
@@ -45,6 +51,7 @@ class SamplingParams:
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None  # structured output: what the text must match (runtime/structured.py)
 
     def __post_init__(self):
         """Every value must fit the step's arrays (int32, float32): a value that does not is this
@@ -80,6 +87,8 @@ class SamplingParams:
                self.stop_token_ids, f"must be a sequence of integers in [0, {INT32_MAX}]")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+        _check(self.guided is None or isinstance(self.guided, GuidedDecoding), "guided", self.guided,
+               "must be a GuidedDecoding")
         if self.seed is not None:
             _check(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
@@ -89,9 +98,11 @@ class SamplingParams:
 
     @property
     def needs_logit_adjustment(self) -> bool:
-        """Penalties or min_tokens: the step must be given per-row token counts and bans."""
+        """Penalties, min_tokens or a grammar: the step must be given per-row token counts, bans
+        and masks, computed from every drawn token (so those are read back before the next step)."""
         return (
-            self.presence_penalty != 0
+            self.guided is not None
+            or self.presence_penalty != 0
             or self.frequency_penalty != 0
             or self.repetition_penalty != 1
             or self.min_tokens > 0
@@ -155,6 +166,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    grammar: SequenceGrammar | None = None  # structured output's state, advanced by each drawn token
 
     @property
     def num_prompt_tokens(self) -> int:

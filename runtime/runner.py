@@ -314,6 +314,7 @@ class Runner:
         seen = np.zeros((S, V), np.bool_)
         banned = np.zeros((S, V), np.bool_)
         presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
+        allowed = np.full((S, (V + 31) // 32), -1, np.int32)  # every bit set: no grammar
         for row, chunk in enumerate(out.chunks):
             p = chunk.seq.request.params
             if not (chunk.samples and p.needs_logit_adjustment):
@@ -326,7 +327,9 @@ class Runner:
             presence[row], frequency[row], repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
             if seq.num_output_tokens < p.min_tokens:
                 banned[row, list(seq.request.stop_ids_before_min_tokens)] = True
+            if seq.grammar is not None:
+                seq.grammar.fill_mask(allowed, row)
         return LogitAdjustments(
             jnp.asarray(counts), jnp.asarray(seen), jnp.asarray(banned),
-            jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(repetition),
+            jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(repetition), jnp.asarray(allowed),
         )

@@ -34,7 +34,7 @@ class SamplingInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LogitAdjustments:
-    """Only passed when a row in the batch uses penalties or min_tokens."""
+    """Only passed when a row in the batch uses penalties, min_tokens or a grammar."""
 
     output_counts: Int[Array, "rows vocab"]  # occurrences of each token in the output so far
     seen: Bool[Array, "rows vocab"]  # token occurs in the prompt or the output
@@ -42,6 +42,7 @@ class LogitAdjustments:
     presence_penalty: Float[Array, " rows"]
     frequency_penalty: Float[Array, " rows"]
     repetition_penalty: Float[Array, " rows"]
+    allowed: Int[Array, "rows words"]  # grammar masks: bit t % 32 of word t // 32 set = token t may come next
 
 
 @jax.tree_util.register_dataclass
@@ -64,7 +65,9 @@ def apply_adjustments(logits: Float[Array, "rows vocab"], adj: LogitAdjustments)
     counts = adj.output_counts.astype(logits.dtype)
     logits = logits - adj.frequency_penalty[:, None] * counts
     logits = logits - adj.presence_penalty[:, None] * (counts > 0)
-    return jnp.where(adj.banned, -jnp.inf, logits)
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    allowed = (adj.allowed[:, ids // 32] >> (ids % 32)) & 1
+    return jnp.where(adj.banned | (allowed == 0), -jnp.inf, logits)
 
 
 def sample_tokens(

@@ -19,7 +19,8 @@ from runtime.engine_client import EngineDeadError, EngineStepError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
-from serving.errors import APIError, ClientDisconnected, from_engine_error
+from runtime.structured import GrammarError
+from serving.errors import APIError, ClientDisconnected, bad_request, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
 from serving.state import ServerState
@@ -56,6 +57,8 @@ class Generation:
     num_cached_tokens: int = 0
     requests: list[EngineRequest] = field(default_factory=list)
     """One checked engine request per prompt, made by `check`."""
+    guided_param: str | None = None
+    """The field that asked for structured output: named when its grammar cannot be compiled."""
     prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
     """By prompt index, once the engine has given them (params.prompt_logprobs)."""
 
@@ -65,6 +68,8 @@ class Generation:
         try:
             self.requests = [engine.make_request(ids, self.params, request_id=f"{self.request_id}-{i}",
                                                  **self.engine_fields) for i, ids in enumerate(self.prompts)]
+        except GrammarError as e:
+            raise bad_request(str(e), self.guided_param) from None
         except ValueError as e:
             raise from_engine_error(e, prompt_param) from None
 

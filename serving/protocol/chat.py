@@ -33,8 +33,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     """Alternatives per token; needs logprobs=true."""
-    response_format: dict[str, Any] | None = None
-    """Only {"type": "text"}."""
     tools: list[dict[str, Any]] | None = None
     """Not supported yet."""
     tool_choice: str | dict[str, Any] | None = None

@@ -30,6 +30,7 @@ from serving.protocol.chat import (
 from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
+from serving.structured import guided_decoding
 from serving.state import ServerState
 
 
@@ -43,6 +44,7 @@ class ChatController(Controller):
     async def create(self, request: Request, data: ChatCompletionRequest, server: ServerState) -> ChatCompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        guided, guided_param = guided_decoding(data)
         plain = plain_messages(data.messages)
         guard = RequestGuard.for_request(server, request, "chat")
         if guard is not None:
@@ -53,9 +55,10 @@ class ChatController(Controller):
         requested = data.max_completion_tokens or data.max_tokens
         max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
         top = (data.top_logprobs or 0) if data.logprobs else None
-        params = sampling_params(data, max_tokens=max_tokens, logprobs=top, defaults=server.sampling_defaults)
+        params = sampling_params(data, max_tokens=max_tokens, logprobs=top, defaults=server.sampling_defaults,
+                                 guided=guided)
         try:
-            generation = start_generation(server, request, data, [ids], params, "messages", text)
+            generation = start_generation(server, request, data, [ids], params, "messages", text, guided_param)
         except APIError as e:
             if e.param == "max_tokens" and data.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"  # name the field the client sent
@@ -149,9 +152,6 @@ def _logprobs(server: ServerState, logprobs: list[TokenLogprob], top: int) -> Ch
 def _refuse_unsupported(data: ChatCompletionRequest) -> None:
     if data.tools:
         raise bad_request("tools (function calling) are not supported yet", "tools", "unsupported_parameter")
-    if data.response_format is not None and data.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
-                          "unsupported_parameter")
     if data.prompt_logprobs is not None and data.stream:
         raise bad_request("prompt_logprobs is answered only without streaming on this endpoint", "prompt_logprobs",
                           "unsupported_parameter")

@@ -25,6 +25,7 @@ from serving.protocol.completions import (
 from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
+from serving.structured import guided_decoding
 from serving.state import ServerState
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
@@ -41,6 +42,7 @@ class CompletionsController(Controller):
     async def create(self, request: Request, data: CompletionRequest, server: ServerState) -> CompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        guided, guided_param = guided_decoding(data)
         guard = RequestGuard.for_request(server, request, "completions")
         items = _prompt_items(data.prompt)
         if guard is not None:
@@ -52,8 +54,9 @@ class CompletionsController(Controller):
         max_tokens = DEFAULT_MAX_TOKENS if data.max_tokens is None else max(data.max_tokens, 1)
         params = sampling_params(data, max_tokens=max_tokens, logprobs=data.logprobs,
                                  defaults=server.sampling_defaults,
-                                 prompt_logprobs=data.logprobs if data.echo else None)
-        generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts))
+                                 prompt_logprobs=data.logprobs if data.echo else None, guided=guided)
+        generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts),
+                                      guided_param)
         created, response_id = int(time.time()), f"cmpl-{generation.request_id}"
         echo = _Echo(prompts, texts) if data.echo else None
         if data.stream:
