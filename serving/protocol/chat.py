@@ -34,8 +34,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     """Alternatives per token; needs logprobs=true."""
     tools: list[dict[str, Any]] | None = None
-    """Not supported yet."""
+    """Functions the model may call: [{"type": "function", "function": {"name", "description", "parameters"}}]."""
     tool_choice: str | dict[str, Any] | None = None
+    """"none", "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}."""
+    parallel_tool_calls: bool | None = None
+    """With "required": whether several calls may come (default true)."""
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables for the chat template."""
@@ -61,13 +64,14 @@ class ChatLogprobs(Struct):
 class ChatResponseMessage(Struct):
     content: str | None
     role: Literal["assistant"] = "assistant"
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(Struct):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
@@ -85,13 +89,14 @@ class ChatCompletionResponse(Struct):
 class ChatDelta(Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
