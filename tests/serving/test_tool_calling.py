@@ -157,3 +157,20 @@ def test_parsers_of_the_families_formats():
 def test_bad_tool_fields_are_400s(base_url, body, param):
     response = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": USER, **body})
     assert_error(response, 400, param=param)
+
+
+def test_responses_api_function_call_round_trip(openai_client):
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    first = openai_client.responses.create(model=MODEL_NAME, input="Weather in Lima?", tools=tools,
+                                           tool_choice="required", parallel_tool_calls=False, max_output_tokens=80)
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    events = list(openai_client.responses.create(model=MODEL_NAME, input="Weather in Lima?", tools=tools,
+                                                 tool_choice="required", parallel_tool_calls=False,
+                                                 max_output_tokens=80, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(deltas) and events[-1].type == "response.completed"
+    answer = openai_client.responses.create(
+        model=MODEL_NAME, previous_response_id=first.id, tools=tools, max_output_tokens=4,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"forecast": "sun"}'}])
+    assert answer.output and answer.usage.input_tokens > first.usage.input_tokens
