@@ -39,6 +39,19 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     """"none", "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}."""
     parallel_tool_calls: bool | None = None
     """With "required": whether several calls may come (default true)."""
+    # OpenAI fields Tessera does not serve: named in a 400 rather than ignored.
+    functions: list[Any] | None = None
+    """Not supported (the legacy form of tools)."""
+    function_call: Any | None = None
+    """Not supported (the legacy form of tool_choice)."""
+    audio: Any | None = None
+    """Not supported."""
+    modalities: list[str] | None = None
+    """["text"] only."""
+    prediction: Any | None = None
+    """Not supported."""
+    web_search_options: Any | None = None
+    """Not supported."""
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables for the chat template."""

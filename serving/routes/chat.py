@@ -208,6 +208,12 @@ def _logprobs(server: ServerState, logprobs: list[TokenLogprob], top: int) -> Ch
 
 
 def _refuse_unsupported(data: ChatCompletionRequest) -> None:
+    for name, hint in (("functions", "; use tools"), ("function_call", "; use tool_choice"), ("audio", ""),
+                       ("prediction", ""), ("web_search_options", "")):
+        if getattr(data, name) is not None:
+            raise bad_request(f"{name} is not supported{hint}", name, "unsupported_parameter")
+    if data.modalities is not None and data.modalities != ["text"]:
+        raise bad_request('modalities must be ["text"]', "modalities", "unsupported_parameter")
     if data.prompt_logprobs is not None and data.stream:
         raise bad_request("prompt_logprobs is answered only without streaming on this endpoint", "prompt_logprobs",
                           "unsupported_parameter")

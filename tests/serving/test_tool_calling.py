@@ -153,6 +153,9 @@ def test_parsers_of_the_families_formats():
     ({"messages": USER + [{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f"}}]}]},
      "messages[1].tool_calls[0]"),
     ({"messages": USER + [{"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_bad_tool_fields_are_400s(base_url, body, param):
     response = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": USER, **body})
@@ -174,3 +177,62 @@ def test_responses_api_function_call_round_trip(openai_client):
         model=MODEL_NAME, previous_response_id=first.id, tools=tools, max_output_tokens=4,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"forecast": "sun"}'}])
     assert answer.output and answer.usage.input_tokens > first.usage.input_tokens
+
+
+# Templates in the shape of Qwen 2.5's and Llama 3.1's tool handling (written for this test).
+QWEN_STYLE = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for m in messages %}
+{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{{ m.content }}{% for tc in m.tool_calls %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{%- endfor %}<|im_start|>assistant
+"""
+LLAMA_STYLE = """<|begin_of_text|>{%- if tools %}<|start_header_id|>system<|end_header_id|>
+Environment: ipython
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}<|eot_id|>{% endif %}{%- for m in messages %}
+{%- if m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>
+
+<|python_tag|>{% for tc in m.tool_calls %}{"name": "{{ tc.function.name }}", "parameters": {{ tc.function.arguments | tojson }}}{% endfor %}<|eom_id|>
+{%- elif m.role == "tool" %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- endif %}{%- endfor %}<|start_header_id|>assistant<|end_header_id|>
+
+"""
+
+
+@pytest.mark.parametrize("template, parser, model_says", [
+    (QWEN_STYLE, "hermes", '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'),
+    (LLAMA_STYLE, "llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "CET"}}'),
+])
+def test_round_trip_through_qwen_and_llama_style_templates(template, parser, model_says):
+    from models.chat_template import render_chat_template
+
+    plan = tool_plan(TOOLS, "auto", None, template)
+    assert plan.parser == parser
+    # The model's call is parsed from its own format...
+    content, (call,) = plan.calls(model_says)
+    assert content is None and (call.name, json.loads(call.arguments)) == ("get_time", {"zone": "CET"})
+    # ...and replayed with the tool's result through the same template.
+    plain = USER + [{"role": "assistant", "content": None, "tool_calls": [call.as_openai()]},
+                    {"role": "tool", "content": "09:00", "tool_call_id": call.id}]
+    messages, extra = template_inputs(plain, plan, template)
+    text = render_chat_template(template, messages, add_generation_prompt=True, **extra)
+    assert '"name": "get_weather"' in text  # the tools are listed
+    assert '{"name": "get_time", ' in text and '{"zone": "CET"}' in text  # the call, arguments as an object
+    assert "09:00" in text and text.index("09:00") > text.index('"zone": "CET"')
