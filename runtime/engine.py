@@ -11,9 +11,9 @@ drawn tokens feed N+1 on the device (runtime/runner.py) and reach the host one s
     schedule N+1 -> dispatch N+1, commit -> read N back, complete -> text, stops -> outputs of N
 
 A sequence that N finishes (EOS, stop string, max_tokens, abort) drops its token from N+1.
-Penalties need every output token on the host, so while a request with penalties runs, the
-step in flight is read back before the next is planned (runtime/scheduler.py has the
-commit/complete/rollback shape).
+Penalties and grammars (structured output) need every output token on the host, so while such
+a request runs, the step in flight is read back before the next is planned
+(runtime/scheduler.py has the commit/complete/rollback shape).
 
 A step that raises fails its own requests (outputs with `error` set) and the engine carries
 on; a fault that took the KV cache with it reinitialises the runner (runtime/faults.py).
@@ -477,7 +477,7 @@ class Engine:
 
 def _needs_host_tokens(flight: InFlightStep) -> bool:
     """Whether a sequence of the step in flight needs its drawn tokens on the host before it can
-    be scheduled again (penalties count every output token)."""
+    be scheduled again (penalties count every output token; a grammar's mask follows them)."""
     return any(c.samples and c.seq.request.params.needs_logit_adjustment and not c.seq.is_finished
                for c in flight.batch.chunks)
 
