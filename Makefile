@@ -80,3 +80,61 @@ clean:
 demo-model: install
 	$(PY) -m pip install --quiet -e '.[train]'
 	nice -n 10 $(PY) -m models.demo_training.train --seed 0 --out models/demo
+
+# -- licence audit, SBOM and release (issue 22) ----------------------------------------------
+# The release tools (cyclonedx-bom, build) live in their own locked environment, so that
+# they are neither in the served environment nor in its SBOM.
+RELEASE_VENV := .venv-release
+RPY := $(RELEASE_VENV)/bin/python
+RELEASE_STAMP := $(RELEASE_VENV)/.installed-$(shell cat requirements-release.lock | sha1sum | cut -c1-12)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+SBOM := dist/tessera-serve-$(VERSION).cdx.json
+
+$(RELEASE_STAMP): requirements-release.lock
+	test -x $(RPY) || $(PYTHON) -m venv $(RELEASE_VENV)
+	$(RPY) -m pip install --quiet --require-hashes -r requirements-release.lock
+	rm -f $(RELEASE_VENV)/.installed-*
+	touch $@
+
+.PHONY: lock-release audit audit-extras sbom release
+lock-release:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --allow-unsafe --generate-hashes --strip-extras --no-emit-index-url \
+		--no-emit-find-links --output-file=requirements-release.lock requirements-release.in
+
+# Every distribution of the locked environment (core + test extra) and of the release tools is
+# MIT, BSD or Apache-2.0, or reviewed in ops/licence_exceptions.toml. dist/licences.md is the report.
+audit: install $(RELEASE_STAMP)
+	mkdir -p dist
+	$(PY) -m ops.licence_audit --title "locked environment (.venv: core + test extra)" --report dist/licences-main.md
+	$(RPY) -m ops.licence_audit --title "release tools (.venv-release)" --report dist/licences-release-tools.md
+	cat dist/licences-main.md dist/licences-release-tools.md > dist/licences.md
+
+# The extras the lock does not install, resolved from PyPI without installing (pip's installation
+# report carries each distribution's metadata). Needs the network. cuda12 is left out: NVIDIA's
+# CUDA wheels are proprietary (LicenseRef-NVIDIA-Proprietary), a decision for a person (BUILD_NOTES).
+AUDIT_EXTRAS ?= train perf replay
+audit-extras: install
+	mkdir -p dist
+	for extra in $(AUDIT_EXTRAS); do \
+		$(PY) -m pip install --quiet --dry-run --ignore-installed --report dist/pip-report-$$extra.json ".[$$extra]" && \
+		$(PY) -m ops.licence_audit --title "extra $$extra (resolved, not installed)" \
+			--pip-report dist/pip-report-$$extra.json --report dist/licences-extra-$$extra.md || exit 1; \
+	done
+
+# CycloneDX 1.6 JSON of the locked environment, checked against the CycloneDX schema.
+sbom: install $(RELEASE_STAMP)
+	mkdir -p dist
+	$(RELEASE_VENV)/bin/cyclonedx-py environment --pyproject pyproject.toml --spec-version 1.6 \
+		--output-format JSON --output-reproducible --output-file $(SBOM) $(PY)
+	$(RPY) -m ops.sbom_check $(SBOM) --require tessera-serve jax flax litestar
+
+# The wheel, the sdist, the SBOM, the licence report and their checksums in dist/; then
+# `gh release create` with them where gh and credentials are there (PUBLISH=1), else a dry run.
+release: audit sbom
+	rm -f dist/*.whl dist/*.tar.gz dist/SHA256SUMS
+	$(RPY) -m build --no-isolation --wheel --sdist --outdir dist .
+	cd dist && sha256sum tessera_serve-$(VERSION)-py3-none-any.whl tessera_serve-$(VERSION).tar.gz \
+		tessera-serve-$(VERSION).cdx.json licences.md > SHA256SUMS
+	$(RPY) -m ops.release --dist dist --version $(VERSION) $(if $(PUBLISH),--publish)

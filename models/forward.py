@@ -10,6 +10,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.kv_cache import AttentionMetadata, KVCache
+from models.lora import LoraInputs
 
 
 def compute_logits(
@@ -20,11 +21,12 @@ def compute_logits(
     kv_cache: KVCache,
     md: AttentionMetadata,
     logits_indices: Int[Array, " rows"],
+    lora: LoraInputs | None = None,
 ) -> tuple[Float[Array, "rows vocab"], KVCache]:
     """Logits (float32) of the tokens at `logits_indices`, and the updated cache. Traced
     inside the runner's step; `forward` is the same, jitted on its own."""
     model = nnx.merge(graphdef, state)
-    hidden, kv_cache = model(tokens, positions, kv_cache, md)
+    hidden, kv_cache = model(tokens, positions, kv_cache, md, lora)
     return model.logits(hidden[logits_indices]), kv_cache
 
 

@@ -25,6 +25,7 @@ from kernels.ragged_paged_attention_ref import ragged_paged_attention_ref
 from models.causal_attention import causal_attention
 from models.config import ModelConfig
 from models.kv_cache import AttentionMetadata, KVCache, LayerKV
+from models.lora import LoraInputs, LoraLayer
 from models.mlp import FusedMLP, MLP
 from models.projection import Dense, MergeHeads, Projection, Transposed, placeholder
 from models.qkv import FusedQKV, SplitQKV
@@ -86,13 +87,17 @@ class Attention(nnx.Module):
         positions: Int[Array, " tokens"],
         kv: LayerKV | None,
         md: AttentionMetadata | None,
+        lora: LoraLayer | None = None,
     ) -> tuple[Float[Array, "tokens embed"], LayerKV | None]:
         """With md=None the tokens are one whole sequence, attended causally without a cache."""
         cfg = self.cfg
         inv_freq = jnp.asarray(inverse_frequencies(cfg.rope, cfg.head_dim))
-        if cfg.attention_bias or cfg.qk_norm:  # these come between the product and the rotation
+        if cfg.attention_bias or cfg.qk_norm or lora is not None:  # these come between the product and the rotation
             with jax.named_scope("qkv"):
                 q, k, v = self.qkv(x)
+                if lora is not None:
+                    q, k, v = (y + lora.delta(t, x).reshape(y.shape)
+                               for y, t in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
                 if cfg.attention_bias:
                     q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
                 if cfg.qk_norm:
@@ -105,15 +110,18 @@ class Attention(nnx.Module):
         if md is None:  # training and scoring
             with jax.named_scope("attention"):
                 out = causal_attention(q, k, v, sm_scale=cfg.head_dim**-0.5, sliding_window=self.window)
-            return self._project_out(out), None
+            return self._project_out(out, lora), None
         with jax.named_scope("attention"):
             write = write_kv_pages_cpu if md.backend == "cpu" else write_kv_pages_ref
             k_pages, v_pages = write(kv[0], kv[1], k, v, md.slot_mapping)
             out = _paged_attention(md, q, k_pages, v_pages, cfg.head_dim**-0.5, self.window)
-        return self._project_out(out), (k_pages, v_pages)
+        return self._project_out(out, lora), (k_pages, v_pages)
 
-    def _project_out(self, out: Float[Array, "tokens heads head_dim"]) -> Float[Array, "tokens embed"]:
-        y = self.o_proj(out.reshape(out.shape[0], -1))
+    def _project_out(self, out: Float[Array, "tokens heads head_dim"], lora: LoraLayer | None) -> Float[Array, "tokens embed"]:
+        flat = out.reshape(out.shape[0], -1)
+        y = self.o_proj(flat)
+        if lora is not None:
+            y = y + lora.delta("o_proj", flat)
         return y + self.o_bias[...] if self.cfg.o_proj_bias else y
 
 
@@ -124,10 +132,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
         self.mlp: MLP | FusedMLP = MLP(cfg, dtype)
 
-    def __call__(self, x, positions, kv: LayerKV | None, md: AttentionMetadata | None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, kv, md)
+    def __call__(self, x, positions, kv: LayerKV | None, md: AttentionMetadata | None, lora: LoraLayer | None = None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, kv, md, lora)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x), lora), kv
 
 
 class CausalLM(nnx.Module):
@@ -148,14 +156,16 @@ class CausalLM(nnx.Module):
         positions: Int[Array, " tokens"],
         kv_cache: KVCache | None,
         md: AttentionMetadata | None,
+        lora: LoraInputs | None = None,
     ) -> tuple[Float[Array, "tokens embed"], KVCache | None]:
         """Final hidden states of every token, and the cache with this step's keys written.
         With kv_cache and md None, the tokens are one whole sequence attended causally with
-        no cache (training and scoring), and no cache is returned."""
+        no cache (training and scoring), and no cache is returned. `lora`: each token's
+        adapter slot and the stacked adapter weights (models/lora.py)."""
         x = self.embed_tokens[...][tokens]
         new_cache = []
-        for layer, kv in zip(self.layers, kv_cache or [None] * len(self.layers), strict=True):
-            x, kv = layer(x, positions, kv, md)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_cache or [None] * len(self.layers), strict=True)):
+            x, kv = layer(x, positions, kv, md, None if lora is None else lora.layer(i))
             new_cache.append(kv)
         return self.norm(x), None if kv_cache is None else new_cache
 

@@ -9,6 +9,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.config import ModelConfig
+from models.lora import LoraLayer
 from models.projection import Dense, Packed, WeightLayout, placeholder
 
 
@@ -26,11 +27,16 @@ class MLP(nnx.Module):
             self.up_bias = placeholder((m,), ("mlp",), dtype)
             self.down_bias = placeholder((e,), ("embed",), dtype)
 
-    def __call__(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens embed"]:
+    def __call__(self, x: Float[Array, "tokens embed"], lora: LoraLayer | None = None) -> Float[Array, "tokens embed"]:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.has_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        y = self.down_proj(jax.nn.silu(gate) * up)
+        if lora is not None:
+            gate, up = gate + lora.delta("gate_proj", x), up + lora.delta("up_proj", x)
+        h = jax.nn.silu(gate) * up
+        y = self.down_proj(h)
+        if lora is not None:
+            y = y + lora.delta("down_proj", h)
         return y + self.down_bias[...] if self.has_bias else y
 
     def fused(self, layout: WeightLayout) -> FusedMLP:
@@ -51,10 +57,18 @@ class FusedMLP(nnx.Module):
         if biases is not None:
             self.gate_bias, self.up_bias, self.down_bias = biases
 
-    def __call__(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens embed"]:
+    def __call__(self, x: Float[Array, "tokens embed"], lora: LoraLayer | None = None) -> Float[Array, "tokens embed"]:
         gate_up = self.gate_up_proj(x)
-        if not self.has_bias:
+        if not self.has_bias and lora is None:
             return self.down_proj.gated(gate_up)
         m = gate_up.shape[1] // 2
-        gate, up = gate_up[:, :m] + self.gate_bias[...], gate_up[:, m:] + self.up_bias[...]
-        return self.down_proj(jax.nn.silu(gate) * up) + self.down_bias[...]
+        gate, up = gate_up[:, :m], gate_up[:, m:]
+        if self.has_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        if lora is not None:  # the adapter's terms join before the activation, as in PEFT
+            gate, up = gate + lora.delta("gate_proj", x), up + lora.delta("up_proj", x)
+        h = jax.nn.silu(gate) * up
+        y = self.down_proj(h)
+        if lora is not None:
+            y = y + lora.delta("down_proj", h)
+        return y + self.down_bias[...] if self.has_bias else y

@@ -59,7 +59,29 @@ _CUMULATIVE = {
     "engine_step_faults": "Engine steps that raised; the requests they were computing failed.",
     "engine_reinitialisations": "Faults that took the KV cache with them: cache and compiled step rebuilt.",
     "kv_events_dropped": "KV cache events dropped because no consumer took them before the ring filled.",
+    # Tessera's: LoRA adapters (runtime/adapters.py).
+    "lora_adapter_hits": "Requests whose LoRA adapter was already in a device slot.",
+    "lora_adapter_misses": "Requests whose LoRA adapter had to be copied from host memory into a slot.",
+    "lora_adapter_loads": "LoRA adapters loaded (read, checked and registered), replacements included.",
+    "lora_adapter_evictions": "Device slots taken from one LoRA adapter for another (least recently used).",
+    "lora_adapter_load_seconds": "Seconds spent loading LoRA adapters (reading and checking their files).",
 }
+
+
+# KV tiers below the device: (TierStats field, metric name, help), each labelled by tier.
+_KV_TIER_GAUGES = (
+    ("bytes", "kv_tier_usage_bytes", "Bytes of KV blocks held by the tier."),
+    ("capacity_bytes", "kv_tier_capacity_bytes", "The tier's bound, bytes."),
+    ("blocks", "kv_tier_blocks", "KV blocks held by the tier."),
+)
+_KV_TIER_COUNTERS = (
+    ("hits", "kv_tier_hits", "Prefix lookups the tier answered (a device miss found there)."),
+    ("loads", "kv_tier_loads", "KV blocks read from the tier towards the device."),
+    ("load_seconds", "kv_tier_load_seconds", "Seconds spent reading blocks from the tier."),
+    ("evictions", "kv_tier_evictions", "KV blocks the tier evicted (least recently used) to stay in its bound."),
+    ("dropped", "kv_tier_dropped", "KV blocks dropped as torn, corrupted or of another model (checked on start "
+                                   "and on load)."),
+)
 
 
 class EngineStatsLike(Protocol):
@@ -138,8 +160,28 @@ class TesseraMetrics:
         )
         self._backends: set[str] = set()
         self.set_backend(backend)
+        self._backend_changes = Counter(PREFIX + "backend_mode_changes", "Failover mode changes, by the backend "
+                                        "serving after the change (cpu_fallback while the accelerator is out).",
+                                        ["model_name", "backend"], registry=r)
+        self._kv_tier_gauges = {
+            field: Gauge(PREFIX + name, doc, ["model_name", "tier"], registry=r)
+            for field, name, doc in _KV_TIER_GAUGES
+        }
+        self._kv_tier_counters = {
+            field: Counter(PREFIX + name, doc, ["model_name", "tier"], registry=r)
+            for field, name, doc in _KV_TIER_COUNTERS
+        }
+        self._kv_tier_seen: dict[tuple[str, str], float] = {}
+        self.kv_tier_pending_writes = gauge("kv_tier_pending_writes", "KV blocks queued for the disk tier, not yet "
+                                            "committed.")
         if cache_config:
             self._info("cache_config_info", "Information of the LLMEngine CacheConfig", cache_config)
+        # vLLM's: one series whose labels list the adapters running and waiting, valued at the
+        # time of the update (the previous series is removed, so the labels are always now's).
+        self._lora_info = Gauge(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                                registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
         if execution_plan:
             self._info("execution_plan", "How the engine computes, chosen once at load: attention, weight products "
                        "and their layout, dtype, sampling.", execution_plan)
@@ -168,6 +210,28 @@ class TesseraMetrics:
             self._seen[name] = value
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
+        max_lora = getattr(stats, "max_lora", 0)
+        if max_lora:
+            labels = (str(max_lora), getattr(stats, "running_lora_adapters", ""), getattr(stats, "waiting_lora_adapters", ""))
+            if labels != self._lora_labels:
+                self._lora_info.clear()
+                self._lora_labels = labels
+            self._lora_info.labels(self.model_name, *labels).set_to_current_time()
+        self._on_kv_tiers(getattr(stats, "kv_tiers", ()), getattr(stats, "kv_tier_pending_writes", 0))
+
+    def _on_kv_tiers(self, tiers, pending_writes: int) -> None:
+        """Per tier below the device (runtime/kv_tiers.py): gauges of now, counters by growth."""
+        for tier, figures in tiers:
+            for field, gauge in self._kv_tier_gauges.items():
+                gauge.labels(self.model_name, tier).set(getattr(figures, field))
+            for field, counter in self._kv_tier_counters.items():
+                value = getattr(figures, field)
+                grown = value - self._kv_tier_seen.get((tier, field), 0)
+                if grown > 0:
+                    counter.labels(self.model_name, tier).inc(grown)
+                self._kv_tier_seen[(tier, field)] = value
+        if tiers:
+            self.kv_tier_pending_writes.set(pending_writes)
 
     def on_request_finished(self, timings: Any, finished_reason: str) -> None:
         """Count the request and observe its latencies (`RequestTimings` from the engine).
@@ -211,6 +275,11 @@ class TesseraMetrics:
             if key in stats:
                 self.set_device_memory(kind, int(stats[key]))
         return stats
+
+    def note_backend_mode(self, backend: str) -> None:
+        """A mode change of the failover (runtime/failover.py): the backend now serving, counted."""
+        self.set_backend(backend)
+        self._backend_changes.labels(self.model_name, backend).inc()
 
     def set_backend(self, backend: str) -> None:
         """Mark `backend` as the one in service (1) and every backend seen before as out (0)."""

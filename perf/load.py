@@ -79,18 +79,20 @@ class Stream:
 # -- a lean streaming client ----------------------------------------------------------------
 
 
-async def stream_once(host: str, port: int, path: str, body: dict, deadline: float) -> Stream:
+async def stream_once(host: str, port: int, path: str, body: dict, deadline: float,
+                      headers: dict[str, str] | None = None, tls: bool = False) -> Stream:
     """POST with `stream: true` and usage in every chunk; each chunk with text is one arrival.
     At `deadline` the connection is dropped (the server aborts the request): only tokens that
-    arrived by then count."""
+    arrived by then count. `headers` are sent as given (e.g. Authorization)."""
     result = Stream(start=time.perf_counter())
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=True if tls else None)
     except OSError as e:
         return Stream(ok=False, error=f"connect: {e}")
     try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
         status = int((await _before(reader.readline(), deadline)).split()[1])
         while (await _before(reader.readline(), deadline)) not in (b"\r\n", b""):
@@ -161,10 +163,12 @@ def build_model() -> Path:
     return MODEL_DIR
 
 
-def start_server(port: int, flags: list[str], tree: Path = REPO) -> subprocess.Popen:
-    """`tessera serve` from the checkout at `tree` (this one by default), once it is ready."""
+def start_server(port: int, flags: list[str], tree: Path = REPO,
+                 launcher: tuple[str, ...] = ("-m", "serving.cli")) -> subprocess.Popen:
+    """`tessera serve` from the checkout at `tree` (this one by default), once it is ready.
+    `launcher` runs it another way (e.g. perf.replay.slowed_serve with its flags)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "TESSERA_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port), *flags],
+    process = subprocess.Popen([sys.executable, *launcher, "serve", "--port", str(port), *flags],
                                cwd=tree, env=env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:

@@ -23,10 +23,12 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ops.audit import audit_event
+from runtime.adapters import AdapterManager, AdapterVersion
 from runtime.engine import Engine, EngineStats
 from runtime.engine_client import EngineDeadError, EngineHealth, EngineStepError, KVEvent
 from runtime.outputs import RequestOutput
@@ -97,6 +99,10 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - closing the tiers must not stop the shutdown
+            log.exception("closing the engine failed")
 
     @property
     def num_in_flight(self) -> int:
@@ -167,6 +173,53 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    # -- adapters and the base model (runtime/adapters.py, runtime/model_reload.py) ---------
+
+    @property
+    def adapters(self) -> AdapterManager | None:
+        """The adapter registry (thread-safe), or None when the engine serves no adapters."""
+        return self.engine.adapters
+
+    async def load_adapter(self, name: str, path: str) -> AdapterVersion:
+        """Read and check off the event loop; the engine copies it to a slot when a step needs it."""
+        if self.engine.adapters is None:
+            raise ValueError("this server serves no LoRA adapters (start it with --max-loras)")
+        return await asyncio.to_thread(self.engine.adapters.load, name, path)
+
+    def unload_adapter(self, name: str) -> AdapterVersion:
+        if self.engine.adapters is None:
+            raise ValueError("this server serves no LoRA adapters (start it with --max-loras)")
+        return self.engine.adapters.unload(name)
+
+    @property
+    def model_version(self) -> int:
+        return self.engine.model_version
+
+    async def reload_model(self, model_dir: str, drain_timeout_s: float = 120.0) -> tuple[int, float, float]:
+        """Load `model_dir` beside the served model, then switch between steps once every started
+        request has finished (new ones wait in the queue). (version, load seconds, switch seconds);
+        raises ModelReloadError, or TimeoutError when the batch did not drain in time (the old
+        model still serves either way)."""
+        from runtime.model_reload import ModelSwitch, prepare_model
+
+        started = time.perf_counter()
+        model = await asyncio.to_thread(prepare_model, self.engine.model, model_dir, self.engine.tokenizer.max_token_id,
+                                        self.engine.model_dir or None)
+        loaded = time.perf_counter()
+        switch = ModelSwitch(model, str(model_dir))
+        self.start()
+        self._send(("switch", switch))
+        try:
+            version = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(switch.future)), drain_timeout_s)
+        except TimeoutError:
+            if switch.future.cancel() is False and not switch.future.cancelled():  # the switch had begun
+                version = await asyncio.wrap_future(switch.future)
+                return version, loaded - started, time.perf_counter() - loaded
+            self._send(("cancel_switch", switch))
+            raise TimeoutError(f"the running requests did not finish within {drain_timeout_s:.0f}s; "
+                               "the old model still serves") from None
+        return version, loaded - started, time.perf_counter() - loaded
+
     async def kv_events(self) -> AsyncIterator[KVEvent]:
         """The block manager's events, drained as the loop thread signals that a step ran."""
         wake = asyncio.Event()
@@ -200,10 +253,12 @@ class AsyncEngine:
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
                     continue
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                # The snapshot first: a consumer that reads stats() after its last output sees this step.
+                self._report_step(self.engine.counters.last_step_tokens)
+                for output in outputs:
                     self._deliver(output.request_id, output)
                     self._report_finished(output)
-                self._report_step(self.engine.counters.last_step_tokens)
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
             log.exception("engine loop failed; the engine is dead")
             audit_event("engine.fault", "failure", actor="system", object=f"model:{self.engine.config.model_id}",
@@ -232,6 +287,13 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - a bug met by one request fails that request
                     log.exception("adding request %s failed", request.request_id)
                     self._deliver(request.request_id, RuntimeError(f"the engine could not add the request: {e!r}"))
+            elif kind == "switch":
+                try:
+                    self.engine.begin_model_switch(arg)
+                except Exception as e:  # noqa: BLE001 - the caller hears why; serving goes on
+                    arg.fail(e)
+            elif kind == "cancel_switch":
+                self.engine.cancel_model_switch(arg)
             elif kind == "abort":
                 try:
                     output = self.engine.abort(arg)

@@ -18,8 +18,12 @@ import hashlib
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from runtime.request import Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # The root every chain starts from: a constant, never random, so keys agree across processes.
 ROOT_KEY = hashlib.sha256(b"tessera/prefix-cache/v1").digest()
@@ -77,6 +81,7 @@ class BlockManager:
     enable_prefix_caching: bool = True
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     max_events: int = 10_000  # KV events kept until taken; beyond it the oldest are dropped
+    tier: object | None = None  # runtime/kv_tiers.py KvTiers: blocks below the device, or None
 
     def __post_init__(self):
         if self.num_blocks < 1 or self.block_size < 1:
@@ -87,6 +92,8 @@ class BlockManager:
         self._seq_keys: dict[int, list[bytes]] = {}  # seq id -> keys of its full blocks, in order
         self._events: deque = deque(maxlen=max(self.max_events, 0))
         self.num_events_dropped = 0
+        self._to_save: list[tuple[BlockStored, int]] = []  # newly cached (one key each, block id): for the tier
+        self._pending_loads: dict[int, np.ndarray] = {}  # block id -> K/V from the tier, not yet on the device
 
     # -- figures -----------------------------------------------------------------------
 
@@ -149,9 +156,44 @@ class BlockManager:
         for key in self._full_block_keys(seq, seq.num_tokens - 1):
             block_id = self._cached.get(key)
             if block_id is None:
-                break
+                block_id = self._load_from_tier(key, seq, hits)
+                if block_id is None:
+                    break
+            elif self.tier is not None and block_id in self._free:
+                self._free.move_to_end(block_id)  # loads from the tier below must not evict it
             hits.append(block_id)
         return hits
+
+    def _load_from_tier(self, key: bytes, seq: Sequence, hits: list[int]) -> int | None:
+        """A free page given `key` and the tier's K/V for it (written to the device before the next
+        step: `take_pending_loads`), if the tier has it and the pool can spare the page: the
+        sequence's remaining blocks must still fit beside the hits it would hold."""
+        if self.tier is None or key not in self.tier:
+            return None
+        free_hits = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        still_needed = -(-seq.num_tokens // self.block_size) - len(hits)
+        if len(self._free) - free_hits < still_needed:
+            return None
+        data = self.tier.load(key)
+        if data is None:
+            return None
+        block_id = self._take_free_block()
+        block = self._blocks[block_id]
+        block.ref_count, block.key = 0, key
+        self._free[block_id] = None  # back in the pool as a cached block, most recently used
+        self._cached[key] = block_id
+        self._pending_loads[block_id] = data
+        return block_id
+
+    def take_pending_loads(self) -> dict[int, np.ndarray]:
+        """Pages whose K/V must be written to the device before the next step runs."""
+        loads, self._pending_loads = self._pending_loads, {}
+        return loads
+
+    def take_blocks_to_save(self) -> list[tuple[BlockStored, int]]:
+        """Blocks cached since the last call, for the tier to copy (one key each, with its page)."""
+        blocks, self._to_save = self._to_save, []
+        return blocks
 
     def record_lookup(self, num_queried: int, num_hit: int) -> None:
         self.stats.queries += num_queried
@@ -172,6 +214,10 @@ class BlockManager:
                 continue  # another sequence computed the same block first; keep the first copy
             block.key = key
             self._cached[key] = block.block_id
+            if self.tier is not None and key not in self.tier:
+                tokens = tuple(seq.token_ids[b * self.block_size : (b + 1) * self.block_size])
+                self._to_save.append((BlockStored((key,), keys[b - 1] if b else ROOT_KEY, tokens, self.block_size),
+                                      block.block_id))
             if runs and runs[-1][-1] == b - 1:
                 runs[-1].append(b)
             else:
@@ -191,8 +237,19 @@ class BlockManager:
             block.key = None
         self._cached.clear()
         self._seq_keys.clear()
+        self._pending_loads.clear()
+        self._to_save.clear()
         self._emit(AllBlocksCleared())
         return True
+
+    def note_tier_stored(self, key: bytes, parent: bytes, token_ids: tuple[int, ...]) -> None:
+        """A block a tier below holds (found there at start): advertised like a cached one."""
+        self._emit(BlockStored((key,), parent, tuple(token_ids), self.block_size))
+
+    def note_tier_removed(self, key: bytes) -> None:
+        """A tier below dropped `key`; gone from this worker unless the device still holds it."""
+        if key not in self._cached:
+            self._emit(BlockRemoved((key,)))
 
     # -- allocation ----------------------------------------------------------------------
 
@@ -251,7 +308,9 @@ class BlockManager:
         block = self._blocks[block_id]
         if block.key is not None:  # evict the least recently used cached block
             del self._cached[block.key]
-            self._emit(BlockRemoved((block.key,)))
+            self._pending_loads.pop(block_id, None)
+            if self.tier is None or block.key not in self.tier:  # else still served, from below
+                self._emit(BlockRemoved((block.key,)))
             block.key = None
         block.ref_count = 1
         return block_id

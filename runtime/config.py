@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.kv_tiers import KvTierConfig
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -37,11 +39,19 @@ class EngineConfig:
     """"pallas", "cpu", "reference" or "pallas_interpret"; None = by device (runtime/backend.py)."""
     linear: str | None = None
     """Weight products: "xla", "cpu" or "packed"; None = by device, dtype and shapes (runtime/backend.py)."""
+    max_loras: int = 0
+    """LoRA adapters on the device at once (slots of the step); 0 serves no adapters."""
+    max_lora_rank: int = 16
+    """The largest adapter rank taken; every slot is this wide."""
+    kv_tiers: KvTierConfig | None = None
+    """Host memory and disk tiers below the device's prefix cache (runtime/kv_tiers.py); None = device only."""
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras={self.max_loras} must be >= 0 and max_lora_rank={self.max_lora_rank} >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -21,24 +21,30 @@ on; a fault that took the KV cache with it reinitialises the runner (runtime/fau
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from models.config import generation_defaults
 from models.loader import LoadedModel, lay_out, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
 from ops.audit import audit_event
+from runtime.adapters import AdapterManager
 from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
+from runtime.kv_tiers import KvTiers, StoredBlock, TierStats
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
-from runtime.request import FinishReason, Request, SamplingParams, Sequence
+from runtime.request import FinishReason, Request, SamplingParams, Sequence, SequenceStatus
 from runtime.request_limits import RequestLimits, check_request
 from runtime.runner import InFlightStep, Runner
 from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
@@ -83,6 +89,16 @@ class EngineStats:
     engine_step_faults: int = 0
     engine_reinitialisations: int = 0
     kv_events_dropped: int = 0  # KV events no consumer took before the ring (max_kv_events) overflowed
+    max_lora: int = 0  # adapter slots; 0: no adapters served
+    running_lora_adapters: str = ""  # comma-separated adapter names, as vLLM's lora_requests_info labels
+    waiting_lora_adapters: str = ""
+    lora_adapter_hits: int = 0
+    lora_adapter_misses: int = 0
+    lora_adapter_loads: int = 0
+    lora_adapter_evictions: int = 0
+    lora_adapter_load_seconds: float = 0.0
+    kv_tiers: tuple[tuple[str, TierStats], ...] = ()  # (tier name, copy of its figures) below the device
+    kv_tier_pending_writes: int = 0  # blocks queued for the disk tier, not yet committed
 
 
 class Engine:
@@ -99,10 +115,18 @@ class Engine:
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, config.enable_chunked_prefill
         )
         self.scheduler = Scheduler(limits, self.blocks)
+        self.scheduler.admission_gate = self._may_start
+        if config.max_loras and model.mesh.size > 1:
+            raise ValueError("LoRA adapters are served on one device only (max_loras with tensor_parallel > 1)")
+        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype)
+                         if config.max_loras else None)
         self.runner = Runner(
             self.model, self.plan, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
-            config.resolved_token_buckets(),
+            config.resolved_token_buckets(), self.adapters,
         )
+        self.model_version = 1  # counts base model switches (runtime/model_reload.py)
+        self.model_dir = ""
+        self._pending_switch = None  # a ModelSwitch waiting for the batch to drain
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer.to_json(), model.cfg.vocab_size, self.eos_token_ids)
         self.counters = EngineCounters()
@@ -114,18 +138,42 @@ class Engine:
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
+        self.kv_tiers = self._open_kv_tiers(config, model)
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1
+        cls, model_dir: str | Path, dtype: str = "float32", config: EngineConfig | None = None, tensor_parallel: int = 1,
+        devices: list | None = None,
     ) -> Engine:
+        """`devices`: where the model runs (default: jax's default backend's); the CPU fallback
+        (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel), max_token_id=tokenizer.max_token_id)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
+        engine.model_dir = str(model_dir)
         return engine
+
+    def _open_kv_tiers(self, config: EngineConfig, model: LoadedModel) -> KvTiers | None:
+        """The tiers below the device, their blocks re-advertised as KV events. Their digest covers
+        the model's and the page's dtype and size, so pages of another layout are never loaded."""
+        if config.kv_tiers is None or not config.enable_prefix_caching:
+            return None
+        layout = f"{config.kv_tiers.model_digest}\0{model.dtype}\0{config.block_size}\0{config.model_id}"
+        tiers = KvTiers(dataclasses.replace(config.kv_tiers, model_digest=hashlib.sha256(layout.encode()).hexdigest()))
+        self.blocks.tier = tiers
+        tiers.on_removed.append(self.blocks.note_tier_removed)
+        for block in tiers.restored:
+            self.blocks.note_tier_stored(block.key, block.parent, block.token_ids)
+        log.info("KV tiers: %d blocks restored from %s", len(tiers.restored), config.kv_tiers.disk_dir)
+        return tiers
+
+    def close(self) -> None:
+        """Flush the tiers below the device (their queued writes) and close them."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()
 
     @property
     def limits(self) -> RequestLimits:
@@ -146,6 +194,7 @@ class Engine:
         waiting = {s.request.request_id for s in self.scheduler.waiting} - running
         prefix = self.blocks.stats
         return EngineStats(
+            **self._adapter_stats(),
             num_requests_running=len(running),
             num_requests_waiting=len(waiting),
             kv_cache_usage_perc=self.blocks.usage,
@@ -160,7 +209,23 @@ class Engine:
             engine_step_faults=self.counters.step_faults,
             engine_reinitialisations=self.counters.reinitialisations,
             kv_events_dropped=self.blocks.num_events_dropped,
+            kv_tiers=tuple((name, dataclasses.replace(t)) for name, t in self.kv_tiers.stats().items())
+            if self.kv_tiers else (),
+            kv_tier_pending_writes=self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0,
         )
+
+    def _adapter_stats(self) -> dict:
+        if self.adapters is None:
+            return {}
+        c = self.adapters.counters
+
+        def names(seqs) -> str:
+            return ",".join(sorted({s.request.adapter_id.rpartition("@")[0] for s in seqs} - {""}))
+
+        return dict(max_lora=self.adapters.max_loras, running_lora_adapters=names(self.scheduler.running),
+                    waiting_lora_adapters=names(self.scheduler.waiting), lora_adapter_hits=c.hits,
+                    lora_adapter_misses=c.misses, lora_adapter_loads=c.loads, lora_adapter_evictions=c.evictions,
+                    lora_adapter_load_seconds=c.load_seconds)
 
     def cache_config_info(self) -> dict[str, str]:
         """Labels of the `cache_config_info` metric (vLLM's names where it has them)."""
@@ -178,6 +243,8 @@ class Engine:
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
+        if self.kv_tiers is not None:
+            self.runner.warm_up_page_transfers()
         log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
         return seconds
 
@@ -192,12 +259,19 @@ class Engine:
         tenant: str = "default",
         cache_salt: str = "",
         trace_id: str = "",
+        adapter: str = "",
     ) -> Request:
-        """A checked request, not yet queued. Raises ValueError naming the bad field."""
+        """A checked request, not yet queued. Raises ValueError naming the bad field, and
+        runtime.adapters.AdapterNotFound for an adapter that is not loaded."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_request(ids, params, self.limits)
         if params.guided is not None:
             self.grammars.check(params.guided)  # compiled once; a bad spec is this request's ValueError
+        adapter_id = ""
+        if adapter:
+            if self.adapters is None:
+                raise ValueError("this server serves no LoRA adapters (start it with --max-loras)")
+            adapter_id = self.adapters.resolve(adapter)  # bound to today's version for its whole life
         return Request(
             request_id=request_id or f"req-{next(_request_ids)}",
             prompt_token_ids=ids,
@@ -206,11 +280,14 @@ class Engine:
             tenant=tenant,
             cache_salt=cache_salt,
             trace_id=trace_id,
+            adapter_id=adapter_id,
             eos_token_ids=self.eos_token_ids,
         )
 
     def add(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        if self.adapters is not None:
+            self.adapters.note_request(request.adapter_id)
         # One clock: timings are monotonic like Request.arrival_time (the API edge converts).
         self._timings[request.request_id] = RequestTimings(request.arrival_time, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
@@ -241,7 +318,7 @@ class Engine:
         """Work to step for: queued or running sequences, or a step in flight whose tokens someone
         still waits for (one that only aborted sequences wait on is read back with the next)."""
         flight = self._in_flight
-        return self.scheduler.num_unfinished > 0 or (
+        return self.scheduler.num_unfinished > 0 or self._pending_switch is not None or (
             flight is not None and any(not c.seq.is_finished for c in flight.batch.chunks))
 
     # -- the step -------------------------------------------------------------------------
@@ -249,6 +326,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         waited = self.counters.device_wait_seconds
+        if self._pending_switch is not None and self._drained():
+            return self._switch_model()
         outputs = self._step_overlapped() if self.config.async_scheduling else self._step_in_series()
         if self.counters.last_step_tokens or outputs:
             self.counters.engine_seconds += time.perf_counter() - started
@@ -293,6 +372,13 @@ class Engine:
 
     def _dispatch(self, batch: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep:
         self.faults.before_step(self.runner.kv_cache)
+        if self.adapters is not None:
+            if self.adapters.has_retired:
+                self.adapters.sweep({r.adapter_id for r in self.scheduler.requests.values()})
+            self.adapters.activate({c.seq.request.adapter_id for c in batch.chunks})
+        loads = self.blocks.take_pending_loads()
+        if loads:  # pages found in a tier below: on the device before the step that reads them
+            self.runner.write_pages(list(loads), np.stack(list(loads.values())))
         flight = self.runner.dispatch(batch, previous)
         self.scheduler.commit(batch)
         return flight
@@ -313,6 +399,8 @@ class Engine:
         result = self.runner.collect(flight)
         batch = flight.batch
         grown = self.scheduler.complete(batch, result.tokens)
+        if self.kv_tiers is not None:
+            self._save_to_tiers()
         self.counters.steps += 1
         self.counters.computed_tokens += batch.num_tokens
         self.counters.generation_tokens += len(grown)
@@ -347,7 +435,80 @@ class Engine:
         if seq.grammar.is_finished and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)
 
+    # -- admission: adapter slots and a model switch ---------------------------------------
+
+    def _may_start(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """Whether the scheduler may start `seq` now. While a model switch waits, only requests
+        that already began on the served weights run (so each finishes on one version); the
+        running batch never needs more adapters than there are slots."""
+        request = seq.request
+        if self._pending_switch is not None and all(s.status is SequenceStatus.WAITING for s in request.sequences):
+            return False
+        if self.adapters is None or not request.adapter_id:
+            return True
+        active = {s.request.adapter_id for s in running} - {""}
+        return request.adapter_id in active or len(active) < self.adapters.max_loras
+
+    def _drained(self) -> bool:
+        """No request that began on the served weights is unfinished (queued ones never started)."""
+        return all(s.status is SequenceStatus.WAITING for r in self.scheduler.requests.values() for s in r.sequences)
+
+    def begin_model_switch(self, switch) -> None:
+        """Loop thread: hold new requests back, let the running ones finish, then switch
+        (`_switch_model`, at the start of the step that finds the batch empty)."""
+        if self._pending_switch is not None:
+            raise RuntimeError("a model switch is already waiting")
+        self._pending_switch = switch
+
+    def cancel_model_switch(self, switch) -> bool:
+        if self._pending_switch is not switch:
+            return False
+        self._pending_switch = None
+        return True
+
+    def _switch_model(self) -> list[RequestOutput]:
+        outputs = []
+        if self._in_flight is not None:  # only finished sequences wait on it: read it back first
+            flight, self._in_flight = self._in_flight, None
+            outputs = self._settle(flight, None)
+        switch, self._pending_switch = self._pending_switch, None
+        if not switch.begin():  # the caller timed out and cancelled it
+            return outputs
+        try:
+            self.runner.swap_weights(switch.model)
+        except Exception as e:  # noqa: BLE001 - reported to the caller; the served model stays
+            switch.fail(e)
+            return outputs
+        self.model = switch.model
+        self.model_version += 1
+        # Cached pages hold the old weights' keys and values: forget them, and key new pages
+        # apart from them in any case (model_id is part of every block key).
+        self.blocks.reset_prefix_cache()
+        self.blocks.model_id = f"{self.config.model_id}@v{self.model_version}"
+        self.model_dir = switch.model_dir
+        switch.done(self.model_version)
+        return outputs
+
+    def _save_to_tiers(self) -> None:
+        """Copy the pages `complete` just cached to the tiers below (write-through)."""
+        blocks = self.blocks.take_blocks_to_save()
+        if not blocks:
+            return
+        pages = self.runner.read_pages([page for _, page in blocks])
+        for (stored, _), data in zip(blocks, pages):
+            self.kv_tiers.save(StoredBlock(stored.keys[0], stored.parent_key, stored.token_ids), data)
+
     # -- faults ---------------------------------------------------------------------------
+
+    def recover(self) -> float:
+        """After the engine died (EngineUnrecoverable; runtime/failover.py): forget every request,
+        then rebuild the cache and step and probe the device (raises while it still fails)."""
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id, FinishReason.ERROR)
+        self._in_flight = None
+        self.blocks.reset_prefix_cache()
+        self.faults.before_probe()
+        return self.runner.reinitialise()
 
     def _fail_step(self, batch: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """Fail the requests this step was computing; rebuild the cache and step if the fault

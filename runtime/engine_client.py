@@ -41,6 +41,7 @@ class EngineStepError(RuntimeError):
 class EngineHealth:
     running: bool  # the loop is started and alive: requests can make progress
     error: str | None = None  # repr of the fault that stopped the engine for good; None while it lives
+    mode: str = "accelerator"  # or "cpu_fallback" while the accelerator is out (runtime/failover.py)
 
 
 @runtime_checkable

@@ -23,7 +23,10 @@ from jaxtyping import Array, Int
 
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
+from models.lora import LoraInputs, LoraStacks
 from models.loader import LoadedModel
+from runtime.adapters import AdapterManager
+from runtime import kv_transfer
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
@@ -44,6 +47,7 @@ def _step(
     packed: Int[Array, " size"],
     previous_tokens: Int[Array, " max_rows"],
     adjustments: LogitAdjustments | None,
+    lora_stacks: LoraStacks | None,
     prompt_targets: Int[Array, " tokens"] | None,
     *,
     layout: StepLayout,
@@ -64,12 +68,14 @@ def _step(
                            backend=attention, mesh=attention_mesh)
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
+    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
     prompt = None
     if prompt_targets is None:
-        logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"])
+        logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
+                                          lora)
     else:
         every = jnp.arange(layout.tokens, dtype=jnp.int32)
-        all_logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, every)
+        all_logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, every, lora)
         logits = all_logits[f["logits_indices"]]  # the very logits the sampler sees
         prompt = prompt_logprobs(all_logits, prompt_targets, summary_impl)
     sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
@@ -102,8 +108,11 @@ class InFlightStep:
 
 class Runner:
     def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...]):
+                 max_model_len: int, token_buckets: tuple[int, ...], adapters: AdapterManager | None = None):
         self.model = model
+        # Adapter weights are step arguments (stacked slots), never constants: loading one
+        # replaces arrays of the same shape and compiles nothing.
+        self.adapters = adapters
         self.attention_backend = plan.attention
         kernel_per_device = runs_per_device(plan.attention) and model.mesh.size > 1
         self.attention_mesh = model.mesh if kernel_per_device else None
@@ -119,7 +128,8 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
-        self._warmed: list[tuple[int, bool, bool]] = []  # (bucket, adjust, prompt) programs compiled and run
+        # (bucket, adjust, lora, prompt) programs compiled and run: re-run after a fault
+        self._warmed: list[tuple[int, bool, bool, bool]] = []
         self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
                          for b in token_buckets}
         # What a step reads for tokens it takes from the device when the previous step drew none.
@@ -148,11 +158,15 @@ class Runner:
         (A benchmark that sends no penalties may skip the adjusted variant.)"""
         started = time.perf_counter()
         self._commit_no_previous()
+        # With adapter slots, a step whose batch uses no adapter runs the program without the
+        # LoRA products: base-model traffic pays nothing for them.
+        lora_variants = (False, True) if self.adapters is not None else (False,)
         for bucket in self.token_buckets:
             for adjust in adjust_variants:
-                jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None)[0])
-                if (bucket, adjust, False) not in self._warmed:
-                    self._warmed.append((bucket, adjust, False))
+                for lora in lora_variants:
+                    jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
+                    if (bucket, adjust, lora, False) not in self._warmed:
+                        self._warmed.append((bucket, adjust, lora, False))
         return time.perf_counter() - started
 
     def _commit_no_previous(self) -> None:
@@ -184,9 +198,29 @@ class Runner:
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
         self._jitted_step = self._jit_step()
         self._commit_no_previous()
-        for bucket, adjust, prompt in self._warmed or [(self.token_buckets[0], False, False)]:
-            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, prompt)[0])
+        for bucket, adjust, lora, prompt in self._warmed or [(self.token_buckets[0], False, False, False)]:
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora, prompt)[0])
         return time.perf_counter() - started
+
+    def swap_weights(self, model: LoadedModel) -> None:
+        """Serve `model`'s weights from the next step on. Its state must have the same structure,
+        shapes and dtypes as the served one (runtime/model_reload.py checks), so every compiled
+        step program is reused as it is."""
+        leaves, state_def = jax.tree.flatten(model.state)
+        if state_def != self._state_def:
+            raise ValueError("the new weights are not laid out as the served ones")
+        self.model, self._state_leaves = model, leaves
+
+    # -- pages to and from the tiers below the device (runtime/kv_tiers.py) ------------------
+
+    def read_pages(self, page_ids: list[int]) -> np.ndarray:
+        return kv_transfer.read_pages(self.kv_cache, page_ids)
+
+    def write_pages(self, page_ids: list[int], data: np.ndarray) -> None:
+        self.kv_cache = kv_transfer.write_pages(self.kv_cache, page_ids, data)
+
+    def warm_up_page_transfers(self) -> None:
+        self.kv_cache = kv_transfer.warm_up(self.kv_cache)
 
     def run(self, out: SchedulerOutput) -> StepResult:
         """Dispatch and read back at once (no overlap)."""
@@ -196,14 +230,15 @@ class Runner:
         """Start the step on the device and return without waiting for it. Tokens the scheduler
         left pending (PENDING_TOKEN) are the ones `previous` draws; they never visit the host."""
         adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
+        lora = self.adapters is not None and any(c.seq.request.adapter_id for c in out.chunks)
         prompt_chunks, at = [], 0
         for i, c in enumerate(out.chunks):
             if c.seq.needs_prompt_logits:
                 prompt_chunks.append((i, at))
             at += c.num_tokens
         bucket = self.bucket_for(out.num_tokens)
-        key = (bucket, adjust, bool(prompt_chunks))
-        sampled, next_tokens, prompt = self._execute(out, bucket, adjust, previous, bool(prompt_chunks))
+        key = (bucket, adjust, lora, bool(prompt_chunks))
+        sampled, next_tokens, prompt = self._execute(out, bucket, adjust, previous, lora, bool(prompt_chunks))
         if key not in self._warmed:  # a variant first compiled now: re-run after a fault too
             self._warmed.append(key)
         rows = {c.seq.seq_id: row for row, c in enumerate(out.chunks) if c.samples}
@@ -250,7 +285,7 @@ class Runner:
         return out
 
     def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
-                 prompt: bool = False) -> tuple[SampledTokens, jax.Array, PromptLogprobs | None]:
+                 lora: bool = False, prompt: bool = False) -> tuple[SampledTokens, jax.Array, PromptLogprobs | None]:
         buffers = self._buffers[bucket]
         packed, f = buffers.next()
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
@@ -288,9 +323,17 @@ class Runner:
         adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
         targets = self._prompt_targets(out, bucket) if prompt else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
+        lora_stacks = None
+        if lora:
+            at = 0
+            for chunk in out.chunks:
+                f["lora_slots"][at : at + chunk.num_tokens] = self.adapters.slot_of(chunk.seq.request.adapter_id)
+                at += chunk.num_tokens
+            lora_stacks = self.adapters.stacks
         # The packed buffer goes straight into the jitted call: one host-to-device copy.
         sampled, next_tokens, self.kv_cache, prompt_lps = self._jitted_step(
-            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, targets, layout=buffers.layout,
+            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks, targets,
+            layout=buffers.layout,
         )
         return sampled, next_tokens, prompt_lps
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.block_manager import BlockManager
@@ -71,6 +72,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # The engine's say on admission beyond pages and seats (adapter slots, a model switch
+        # draining the batch): (sequence, running) -> may it start now.
+        self.admission_gate: Callable[[Sequence, list[Sequence]], bool] | None = None
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -211,6 +215,8 @@ class Scheduler:
             # the seats handed out earlier in this step.
             seq = min(candidates, key=lambda s: (s.request.priority, load[s.request.tenant], s.priority_key))
             candidates.remove(seq)
+            if self.admission_gate is not None and not self.admission_gate(seq, self.running):
+                continue
             cached = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(seq)
             num_cached = len(cached) * self.blocks.block_size
             seq.num_computed_tokens = num_cached

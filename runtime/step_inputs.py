@@ -6,7 +6,7 @@ back inside the jitted step, so a step costs one host-to-device copy, not fourte
 
 Shape of the buffer for a bucket of T tokens and S sequence rows (B pages per sequence):
 
-    tokens[T] positions[T] slots[T] from_previous[T] | block_tables[S*B] context_lens[S]
+    tokens[T] positions[T] slots[T] from_previous[T] lora_slots[T] | block_tables[S*B] context_lens[S]
     query_start[S+1] logits_indices[S] | temperature[S] top_p[S] top_k[S] min_p[S] seeds[S]
     sample_positions[S]
 
@@ -32,6 +32,7 @@ _FIELDS = (  # name, dtype, length in units of (tokens, rows, rows * pages, 1)
     ("positions", np.int32, (1, 0, 0, 0)),
     ("slots", np.int32, (1, 0, 0, 0)),
     ("from_previous", np.int32, (1, 0, 0, 0)),
+    ("lora_slots", np.int32, (1, 0, 0, 0)),
     ("block_tables", np.int32, (0, 0, 1, 0)),
     ("context_lens", np.int32, (0, 1, 0, 0)),
     ("query_start", np.int32, (0, 1, 0, 1)),

@@ -16,7 +16,8 @@ from serving.client import ClientError, _raise_for_error
 # The scope each client command needs (the server's routes declare the same).
 COMMAND_SCOPES = {"complete": "generate", "chat": "generate", "models": "read", "keys create": "admin",
                   "keys list": "admin", "keys revoke": "admin", "top": "read", "transcripts list": "read",
-                  "transcripts show": "read"}
+                  "transcripts show": "read", "adapters load": "adapter-manager",
+                  "adapters unload": "adapter-manager", "adapters list": "read"}
 
 
 def _client(url: str) -> httpx.Client:
@@ -102,6 +103,36 @@ def revoke_key(url: str, key_id: str, out: IO[str] | None = None) -> int:
     with _client(url) as client:
         info = _request(client, "DELETE", f"/admin/keys/{key_id}").json()
     out.write(f"revoked key {info['key_id']} of tenant {info['tenant']}\n")
+    return 0
+
+
+def load_adapter(url: str, name: str, path: str, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    with _client(url) as client:
+        info = _request(client, "POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).json()
+    out.write(f"loaded adapter {info['lora_name']} as {info['version']} (rank {info['rank']}, "
+              f"{','.join(info['targets'])}) in {info['load_seconds']:.3f}s\n")
+    return 0
+
+
+def unload_adapter(url: str, name: str, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    with _client(url) as client:
+        info = _request(client, "POST", "/v1/unload_lora_adapter", json={"lora_name": name}).json()
+    out.write(f"unloaded adapter {info['lora_name']} ({info['version']}); running requests finish on it\n")
+    return 0
+
+
+def list_adapters(url: str, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    with _client(url) as client:
+        state = _request(client, "GET", "/debug/adapters").json()
+    out.write(f"slots: {state['max_loras']} ({state['free_slots']} free), max rank {state['max_lora_rank']}\n")
+    out.write("NAME\tVERSION\tSLOT\tRANK\tHITS\tMISSES\tLOAD S\tSTATUS\tPATH\n")
+    for a in state["adapters"]:
+        slot = "host" if a["slot"] is None else str(a["slot"])
+        out.write("\t".join([a["name"], a["version"], slot, str(a["rank"]), str(a["hits"]), str(a["misses"]),
+                             f"{a['load_seconds']:.3f}", "retired" if a["retired"] else "served", a["path"]]) + "\n")
     return 0
 
 

@@ -24,6 +24,7 @@ from serving.config import ServerConfig
 from serving.errors import EXCEPTION_HANDLERS
 from serving.forwarded import ForwardedHeadersMiddleware
 from serving.middleware import RequestMiddleware
+from serving.routes.adapters import AdapterDebugController, LoraAdaptersController, ModelReloadController
 from serving.routes.admin import AdminKeysController, AdminRateLimitsController, AuthController
 from serving.routes.chat import ChatController
 from serving.routes.completions import CompletionsController
@@ -73,7 +74,8 @@ class TesseraPlugin(InitPluginProtocol):
         app_config.route_handlers += [CompletionsController, ChatController, ResponsesController, ModelsController,
                                       TokenizeController,
                                       HealthController, DebugController, AdminKeysController, AdminRateLimitsController,
-                                      AuthController]
+                                      AuthController, LoraAdaptersController, AdapterDebugController,
+                                      ModelReloadController]
         if server.config.ui:
             from serving.ui import build_ui_state, ui_route_handlers
 

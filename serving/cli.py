@@ -74,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_client(sub, "health", "check that a server is alive and ready (exit 1 if not ready)", sampling=False)
     _add_identity_commands(sub)
     _add_ui_commands(sub)
+    _add_replay_command(sub)
     return parser
 
 
@@ -94,6 +95,35 @@ def _add_ui_commands(sub) -> None:
     show.add_argument("--jsonl", action="store_true", help="print the JSON lines as stored")
 
 
+def _replay_module():
+    """The trace replay lives in perf/, which a source checkout has and the wheel does not."""
+    root = str(Path(__file__).resolve().parents[1])
+    if (Path(root) / "perf" / "replay").is_dir() and root not in sys.path:
+        sys.path.append(root)
+    import perf.replay.cli
+
+    return perf.replay.cli
+
+
+def _add_replay_command(sub) -> None:
+    replay = sub.add_parser("replay", help="replay a request trace against a server and report latency percentiles",
+                            description="Replay an Azure or Mooncake trace against a server or gateway with the "
+                                        "trace's arrival times; report TTFT, TPOT, ITL, E2E latency, throughput and "
+                                        "goodput (JSON, Markdown, PNG); --compare fails on a regression.")
+    try:
+        _replay_module().add_arguments(replay)
+    except ImportError:  # installed from the wheel: listed, and says why it cannot run
+        replay.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    try:
+        module = _replay_module()
+    except ImportError as e:
+        raise ValueError(f"replay needs perf/ from a Tessera source checkout ({e})") from None
+    return module.run(args)
+
+
 def _add_identity_commands(sub) -> None:
     keys = sub.add_parser("keys", help="create, list and revoke API keys on a running server (scope admin)")
     key_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -108,6 +138,15 @@ def _add_identity_commands(sub) -> None:
     listing = _add_client(key_sub, "list", "list API keys (never the keys themselves)", sampling=False)
     listing.add_argument("--tenant", help="only this tenant's keys")
     _add_client(key_sub, "revoke", "revoke an API key", sampling=False).add_argument("key_id", help="the key's id")
+    adapters = sub.add_parser("adapters", help="load, unload and list LoRA adapters on a running server")
+    adapter_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    load = _add_client(adapter_sub, "load", "load a PEFT LoRA adapter folder (on the server's disk) under a name "
+                                            "(scope adapter-manager)", sampling=False)
+    load.add_argument("name", help="the model name requests will use")
+    load.add_argument("path", help="the adapter folder, as the server sees it")
+    _add_client(adapter_sub, "unload", "stop serving an adapter (scope adapter-manager)",
+                sampling=False).add_argument("name", help="the adapter's name")
+    _add_client(adapter_sub, "list", "adapters, their slots, hits and load times (scope read)", sampling=False)
     _add_client(sub, "whoami", "show the subject, tenant and scopes the server sees for your credentials",
                 sampling=False)
 
@@ -156,11 +195,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ops.kms import KMSError
     from ops.model_signing import ModelSignatureError
+    from serving.model_store import ModelStoreError
 
     try:
         return serve(ServerConfig.from_sources(args))
     except ModelSignatureError as e:  # names the changed, extra or missing file
         print(f"tessera serve: refused to load the model: {e}", file=sys.stderr)
+        return 2
+    except ModelStoreError as e:  # names the object
+        print(f"tessera serve: cannot fetch the model: {e}", file=sys.stderr)
         return 2
     except KMSError as e:
         print(f"tessera serve: error: {e}", file=sys.stderr)
@@ -192,6 +235,7 @@ def _client_command(args: argparse.Namespace) -> int:
 
     command = f"keys {args.keys_command}" if args.command == "keys" else args.command
     command = f"transcripts {args.transcripts_command}" if args.command == "transcripts" else command
+    command = f"adapters {args.adapters_command}" if args.command == "adapters" else command
     try:
         if args.command == "transcripts" and args.transcripts_command == "show" and Path(args.transcript).is_file():
             from serving import ui_client
@@ -202,6 +246,8 @@ def _client_command(args: argparse.Namespace) -> int:
             return _ui_command(args)
         if args.command == "keys":
             return _keys_command(args)
+        if args.command == "adapters":
+            return _adapters_command(args)
         if args.command == "whoami":
             me = admin_client.whoami(args.url) or {}
             print("\n".join(f"{k}: {','.join(v) if isinstance(v, list) else v}" for k, v in me.items()))
@@ -251,6 +297,16 @@ def _keys_command(args: argparse.Namespace) -> int:
     if args.keys_command == "list":
         return admin_client.list_keys(args.url, args.tenant)
     return admin_client.revoke_key(args.url, args.key_id)
+
+
+def _adapters_command(args: argparse.Namespace) -> int:
+    from serving import admin_client
+
+    if args.adapters_command == "load":
+        return admin_client.load_adapter(args.url, args.name, args.path)
+    if args.adapters_command == "unload":
+        return admin_client.unload_adapter(args.url, args.name)
+    return admin_client.list_adapters(args.url)
 
 
 def _login(args: argparse.Namespace) -> int:
@@ -367,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
                "gateway": _gateway, "login": _login, "logout": _logout,
-               "playback": _playback}.get(args.command, _client_command)
+               "playback": _playback, "replay": _replay}.get(args.command, _client_command)
     if args.command == "models" and args.models_command:
         handler = _models_signing
     try:

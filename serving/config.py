@@ -32,7 +32,11 @@ class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "TCP port to listen on")
     # -- the model ----------------------------------------------------------------------------
-    model: str | None = _setting(None, "Hugging Face model folder; unset serves the default (demo) model")
+    model: str | None = _setting(None, "Hugging Face model folder, or s3://bucket/prefix (downloaded once to "
+                                       "model_cache_dir, signature checked before any weight is read), or "
+                                       "file://PATH; unset serves the default (demo) model")
+    model_cache_dir: str | None = _setting(None, "local copies of object-store models, one folder per listing "
+                                                 "(keys, sizes, ETags); default: ~/.cache/tessera/models")
     served_model_name: str | None = _setting(
         None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
@@ -59,8 +63,26 @@ class ServerConfig:
     max_kv_events: int = _setting(10_000, "KV cache events (stored, removed, cleared) kept for consumers; "
                                           "beyond it the oldest are dropped and counted")
     token_buckets: str | None = _setting(None, "comma-separated padded token counts to compile; default: powers of two")
+    kv_disk_dir: str | None = _setting(None, "folder of the disk KV tier: cached pages are also kept in host memory "
+                                             "and block files there, survive restarts and load back on a prefix "
+                                             "hit; unset: the device's cache only")
+    kv_host_gib: float = _setting(1.0, "host memory KV tier, GiB (with kv_disk_dir)")
+    kv_disk_gib: float = _setting(16.0, "disk KV tier, GiB of block files (with kv_disk_dir)")
+    cpu_fallback: str = _setting("auto", "when the accelerator's engine fails: serve small prompts with the same "
+                                         "model on the CPU; warm (built at start), lazy (built on failure), off; "
+                                         "auto: lazy on an accelerator, off on a CPU")
+    cpu_fallback_max_prompt_tokens: int = _setting(256, "largest prompt served on the CPU fallback; larger ones "
+                                                        "get 503 with Retry-After while the accelerator is out")
+    cpu_fallback_probe_interval_s: float = _setting(10.0, "seconds between probes of a failed accelerator")
     warm_up: bool = _setting(True, "compile every shape bucket before accepting requests")
     compilation_cache_dir: str | None = _setting(None, "persistent XLA compilation cache; default: ~/.cache/tessera/xla")
+    # -- LoRA adapters and hot reload (BUILD_NOTES "Multi-LoRA and hot reload") -----------------
+    max_loras: int = _setting(0, "LoRA adapters on the device at once (more stay in host memory, swapped in by LRU); "
+                                 "0 serves no adapters")
+    max_lora_rank: int = _setting(16, "the largest LoRA rank an adapter may have")
+    lora_modules: str | None = _setting(None, "adapters to load at start-up, e.g. 'sql=/adapters/sql,chat=/a/chat'")
+    reload_drain_timeout_s: float = _setting(120.0, "model reload: seconds to wait for running requests to finish "
+                                                    "before switching (the old model keeps serving past it)")
     # -- admission and shutdown ---------------------------------------------------------------
     max_queue: int = _setting(64, "requests that may wait beyond max_num_seqs running ones; more get 429")
     drain_timeout_s: float = _setting(30.0, "on SIGTERM, seconds to let in-flight requests finish")
@@ -175,6 +197,14 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         _require(self.max_kv_events >= 0, "max_kv_events", self.max_kv_events, "must be >= 0")
+        _require(self.kv_host_gib >= 0, "kv_host_gib", self.kv_host_gib, "must be >= 0")
+        _require(self.kv_disk_gib > 0, "kv_disk_gib", self.kv_disk_gib, "must be > 0")
+        _require(self.cpu_fallback in ("auto", "warm", "lazy", "off"), "cpu_fallback", self.cpu_fallback,
+                 "must be auto, warm, lazy or off")
+        _require(self.cpu_fallback_max_prompt_tokens >= 0, "cpu_fallback_max_prompt_tokens",
+                 self.cpu_fallback_max_prompt_tokens, "must be >= 0")
+        _require(self.cpu_fallback_probe_interval_s > 0, "cpu_fallback_probe_interval_s",
+                 self.cpu_fallback_probe_interval_s, "must be > 0")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")
@@ -189,6 +219,8 @@ class ServerConfig:
         _require(0 < self.autoscale_target <= 1, "autoscale_target", self.autoscale_target, "must be in (0, 1]")
         _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
         _require(self.debug_requests >= 0, "debug_requests", self.debug_requests, "must be >= 0")
+        _require(self.reload_drain_timeout_s > 0, "reload_drain_timeout_s", self.reload_drain_timeout_s, "must be > 0")
+        self.lora_module_paths()
         self.tenant_sample_ratios()  # parse once, so a malformed value fails at start-up
         self._check_access()
         self.engine_config()
@@ -252,7 +284,19 @@ class ServerConfig:
             token_buckets=buckets,
             attention_backend=self.attention,
             linear=self.linear,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
         )
+
+    def lora_module_paths(self) -> dict[str, str]:
+        """--lora-modules as name -> folder."""
+        modules = {}
+        for item in filter(None, (x.strip() for x in (self.lora_modules or "").split(","))):
+            name, sep, path = item.partition("=")
+            _require(bool(sep and name.strip() and path.strip()), "lora_modules", item, "must be NAME=PATH")
+            modules[name.strip()] = path.strip()
+        _require(not modules or self.max_loras > 0, "lora_modules", self.lora_modules, "needs --max-loras >= 1")
+        return modules
 
     def tenant_sample_ratios(self) -> dict[str, float]:
         ratios: dict[str, float] = {}

@@ -18,7 +18,13 @@ DEMO_MODEL = REPO_ROOT / "models" / "demo"
 FALLBACK_MODEL = REPO_ROOT / ".cache" / "demo-model"
 
 
-def resolve_model(model: str | None) -> Path:
+def resolve_model(model: str | None, cache_dir: str | Path | None = None) -> Path:
+    """The local folder of `model`: a folder as given, an object-store URI downloaded (or found)
+    in `cache_dir` (serving/model_store.py), or the default model."""
+    if model is not None and "://" in model:
+        from serving.model_store import fetch_model
+
+        return fetch_model(model, cache_dir or Path.home() / ".cache" / "tessera" / "models").path
     if model is not None:
         return Path(model)
     if (DEMO_MODEL / "config.json").is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from runtime.request import Request, SamplingParams
 from runtime.request_limits import RequestLimits
 from serving import registry
 from serving.autoscale import WorkerLoad, hints
+from serving.coalesce import coalesced
 from serving.remote_engine import RemoteEngine, WorkerLostError, checked_request
 from serving.routing import Router, RoutingCosts, WorkerView, prompt_block_keys
 from serving.rpc import tessera_pb2 as pb
@@ -149,6 +151,7 @@ class GatewayEngine:
         self.credentials, self.server_name, self.stats_interval_s = credentials, server_name, stats_interval_s
         self._limits = convert.limits_from_proto(info.limits)
         self._tokenizer = tokenizer_from_files(dict(info.tokenizer_files))
+        self._generation_defaults = json.loads(info.generation_defaults_json or "{}")  # read per request
         self.router = Router(costs, policy)
         self.handles: dict[str, WorkerHandle] = {}
         self.metrics = metrics
@@ -187,9 +190,7 @@ class GatewayEngine:
 
     @property
     def generation_defaults(self) -> dict:
-        import json
-
-        return json.loads(self.info.generation_defaults_json or "{}")
+        return self._generation_defaults
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -254,11 +255,14 @@ class GatewayEngine:
             record = registry.WorkerRecord.from_json(value)
             old = self.handles.get(record.worker_id)
             if old is not None and old.record.address == record.address:
+                old.record = record  # the same worker re-written: its backend mode changed
+                old.view.degraded = record.backend_mode != "accelerator"
                 return
             if old is not None:
                 asyncio.ensure_future(old.close())
             handle = WorkerHandle(record, self)
             handle.view.drained = self._drained(record.worker_id)
+            handle.view.degraded = record.backend_mode != "accelerator"
             self.handles[record.worker_id] = handle
             self.router.workers[record.worker_id] = handle.view
             handle.start()
@@ -324,7 +328,7 @@ class GatewayEngine:
             handle.view.in_flight += 1
             self._serving[request.request_id] = handle
             try:
-                async with contextlib.aclosing(handle.engine.stream(request)) as outputs:
+                async with contextlib.aclosing(coalesced(handle.engine.stream(request))) as outputs:
                     async for output in outputs:
                         started = True
                         if output.finished:

@@ -15,7 +15,9 @@ from typing import TypeVar
 
 from litestar import Request
 
+from runtime.adapters import AdapterNotFound
 from runtime.engine_client import EngineDeadError, EngineStepError
+from runtime.failover import BackendDegradedError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
@@ -23,7 +25,7 @@ from runtime.structured import GrammarError
 from serving.errors import APIError, ClientDisconnected, bad_request, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
-from serving.state import ServerState
+from serving.state import ServerState, model_not_found
 
 T = TypeVar("T")
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -72,6 +74,10 @@ class Generation:
             raise bad_request(str(e), self.guided_param) from None
         except ValueError as e:
             raise from_engine_error(e, prompt_param) from None
+        except AdapterNotFound as e:  # unloaded since the model name was checked
+            raise model_not_found(str(e), self.server.model_name) from None
+        except BackendDegradedError as e:  # the accelerator is out and this prompt is too large for the CPU
+            raise APIError(503, str(e), code="backend_degraded", headers={"Retry-After": str(e.retry_after_s)}) from None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -36,7 +36,10 @@ def make_metrics(model_name: str, engine: Any) -> Any | None:
     cache_config = engine.cache_config_info() if hasattr(engine, "cache_config_info") else None
     backend = engine.backend_mode() if hasattr(engine, "backend_mode") else jax.default_backend()
     plan = engine.plan.labels() if hasattr(engine, "plan") else None
-    return _metrics.TesseraMetrics(model_name, cache_config=cache_config, backend=backend, execution_plan=plan)
+    metrics = _metrics.TesseraMetrics(model_name, cache_config=cache_config, backend=backend, execution_plan=plan)
+    if hasattr(engine, "stats"):  # figures known before the first step (blocks restored from a KV tier)
+        metrics.on_step(engine.stats(), 0)
+    return metrics
 
 
 def configure(config) -> None:

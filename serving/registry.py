@@ -53,6 +53,7 @@ class WorkerRecord:
     capacity: dict = field(default_factory=dict)  # max_num_seqs, num_blocks, block_size, max_model_len
     mig_device: str | None = None  # the GPU or MIG slice UUID it runs on
     started: float = field(default_factory=time.time)
+    backend_mode: str = "accelerator"  # or "cpu_fallback": only small prompts (runtime/failover.py)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -168,6 +169,13 @@ class WorkerRegistration:
             except Exception as e:  # noqa: BLE001 - etcd away for a moment: keep trying
                 log.warning("worker %s: etcd keep-alive failed: %r", self.record.worker_id, e)
             await asyncio.sleep(min(period, KV_SUMMARY_PERIOD_S))
+
+    async def update(self) -> None:
+        """Write the record again (a field changed: the backend mode)."""
+        if self._lease is not None:
+            await self.client.put(WORKERS.encode() + self.record.worker_id.encode(), self.record.to_json(),
+                                  lease=self._lease)
+            self.writes += 1
 
     async def close(self) -> None:
         """Revoke the lease: the record and summary vanish now, not at the TTL."""

@@ -35,6 +35,7 @@ class WorkerView:
     reported_load: int = 0  # running + waiting, as its latest Stats said
     healthy: bool = False
     drained: bool = False
+    degraded: bool = False  # its accelerator is out: small prompts on its CPU (runtime/failover.py)
 
     def apply(self, event) -> None:
         if isinstance(event, BlockStored):
@@ -112,6 +113,8 @@ class Router:
 
     def pick(self, num_prompt_tokens: int, keys: list[bytes], exclude: Iterable[str] = ()) -> WorkerView | None:
         by_pool = self.eligible(exclude)
+        if any(not w.degraded for workers in by_pool.values() for w in workers):  # degraded ones only as a last resort
+            by_pool = {p: kept for p, workers in by_pool.items() if (kept := [w for w in workers if not w.degraded])}
         if not by_pool:
             return None
         candidates = by_pool[self.choose_pool(list(by_pool))]

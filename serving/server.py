@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -26,7 +28,13 @@ log = logging.getLogger(__name__)
 
 def served_name(config: ServerConfig, model_dir: str | Path) -> str:
     # The default model answers to "demo", whichever folder currently provides it.
-    return config.served_model_name or ("demo" if config.model is None else Path(model_dir).resolve().name)
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model is None:
+        return "demo"
+    from serving.model_store import is_remote, model_name
+
+    return model_name(config.model) if is_remote(config.model) else Path(model_dir).resolve().name
 
 
 def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
@@ -50,11 +58,48 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     check_trust(config, model_dir)
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
+    if config.kv_disk_dir:
+        from runtime.kv_tiers import KvTierConfig
+        from serving.registry import model_digest
+
+        engine_config.kv_tiers = KvTierConfig(config.kv_disk_dir, model_digest(model_dir),
+                                              int(config.kv_host_gib * 2**30), int(config.kv_disk_gib * 2**30))
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
+    for adapter, path in config.lora_module_paths().items():
+        engine.adapters.load(adapter, path)  # a refused adapter stops start-up (AdapterError), naming it
     if config.warm_up:
         engine.warm_up()
     name = served_name(config, model_dir)
-    return AsyncEngine(engine, metrics=observability.make_metrics(name, engine)), name
+    front = AsyncEngine(engine, metrics=observability.make_metrics(name, engine))
+    return with_cpu_fallback(front, engine.plan.platform, engine.backend_mode(), config, model_dir), name
+
+
+def with_cpu_fallback(primary: EngineClient, platform: str, backend: str, config: ServerConfig,
+                      model_dir: str | Path) -> EngineClient:
+    """The engine behind runtime/failover.py's FailoverEngine when --cpu-fallback asks for one."""
+    mode = config.cpu_fallback
+    if mode == "auto":
+        mode = "off" if platform == "cpu" else "lazy"
+    if mode == "off":
+        return primary
+    from runtime.failover import FailoverConfig, FailoverEngine, recover_async_engine
+
+    def build_fallback() -> EngineClient:
+        import jax
+
+        from runtime.async_engine import AsyncEngine
+        from runtime.engine import Engine
+
+        engine_config = config.engine_config()  # no KV tiers: their folder belongs to the primary
+        engine_config.attention_backend = engine_config.linear = None  # the CPU's own choices
+        engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, devices=jax.devices("cpu"))
+        if config.warm_up:
+            engine.warm_up()
+        return AsyncEngine(engine)
+
+    failover = FailoverConfig(config.cpu_fallback_max_prompt_tokens, keep_warm=mode == "warm",
+                              probe_interval_s=config.cpu_fallback_probe_interval_s)
+    return FailoverEngine(primary, build_fallback, recover_async_engine, failover, accelerator_label=backend)
 
 
 def build_server_state(config: ServerConfig, engine: EngineClient | None = None) -> ServerState:
@@ -67,7 +112,7 @@ def build_server_state(config: ServerConfig, engine: EngineClient | None = None)
                            guardrails=guardrails)
     from serving.default_model import resolve_model
 
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model, config.model_cache_dir)
     engine, name = build_async_engine(config, model_dir)
     return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics, guardrails=guardrails)
 
@@ -83,6 +128,11 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        # SIGHUP reloads the served folder (serving/hot_reload.py); signals reach the main thread only.
+        if self.state.owns_engine and threading.current_thread() is threading.main_thread():
+            from serving.hot_reload import reload_on_signal
+
+            self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_on_signal(self.state)))
         await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:

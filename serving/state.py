@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from runtime.adapters import AdapterHost
 from runtime.engine_client import EngineClient
 from serving.admission import Admission
 from serving.config import ServerConfig
@@ -62,10 +63,24 @@ class ServerState:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def adapter_host(self) -> AdapterHost | None:
+        """The engine's adapters and model reload, when it has them (in-process engines do)."""
+        return self.engine if isinstance(self.engine, AdapterHost) else None
+
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model `{name}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+        self.adapter_for(name)
+
+    def adapter_for(self, name: str | None) -> str:
+        """The LoRA adapter a request's `model` selects ("" for the base model); 404 model_not_found
+        for a name that is neither."""
+        if name is None or name == self.model_name:
+            return ""
+        host = self.adapter_host
+        adapters = host.adapters if host is not None else None
+        if adapters is not None and any(v.name == name for v in adapters.served()):
+            return name
+        raise model_not_found(name, self.model_name)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -73,3 +88,8 @@ class ServerState:
     @property
     def engine_running(self) -> bool:
         return self.engine.health().running
+
+
+def model_not_found(name: str, base: str) -> APIError:
+    return APIError(404, f"the model `{name}` does not exist; this server serves `{base}` and the LoRA adapters "
+                         "listed by /v1/models", param="model", code="model_not_found")

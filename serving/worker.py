@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.block_manager import BlockStored
 from runtime.engine_client import EngineClient, EngineDeadError
+from serving.coalesce import coalesced
 from serving.registry import KvSummary, WorkerRecord, WorkerRegistration
 from serving.rpc import convert
 from serving.rpc import tessera_pb2 as pb
@@ -98,10 +99,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                **convert.request_fields(message))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:  # degraded (runtime/failover.py): too large for its CPU; a gateway tries another
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend_degraded: {e}")
         self.num_in_flight += 1
         try:
-            # Closing the stream (a cancelled call ends this generator) aborts the request.
-            async with contextlib.aclosing(self.engine.stream(request)) as outputs:
+            # Closing the stream (a cancelled call ends this generator) aborts the request. Outputs
+            # that queued while gRPC was busy travel as one message (serving/coalesce.py).
+            async with contextlib.aclosing(coalesced(self.engine.stream(request))) as outputs:
                 async for output in outputs:
                     yield convert.output_to_proto(output)
         except EngineDeadError as e:
@@ -231,10 +235,16 @@ class WorkerServer:
         return self.port
 
     async def _set_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.engine.health().running
+        engine_health = self.engine.health()
+        status = (health_pb2.HealthCheckResponse.SERVING if engine_health.running
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for service in ("", SERVICE):
             await self.health.set(service, status)
+        registration = self.registration
+        if registration is not None and registration.record.backend_mode != engine_health.mode:
+            registration.record.backend_mode = engine_health.mode  # the gateway prefers accelerator workers
+            with contextlib.suppress(Exception):
+                await registration.update()
 
     async def _watch_health(self) -> None:
         while True:  # the engine's state, as the health service reports it
@@ -278,7 +288,7 @@ def worker_main(config) -> int:
     observability.configure(config)
     if config.mig_device:  # before jax creates its GPU client: this process sees only that slice
         os.environ["CUDA_VISIBLE_DEVICES"] = config.mig_device
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model, config.model_cache_dir)
     engine, _ = build_async_engine(config, model_dir)
     tls = (config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_ca) if config.grpc_tls_cert else None
     server = WorkerServer(engine, host=config.host, port=config.grpc_port, worker_id=config.worker_id,

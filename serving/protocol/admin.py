@@ -17,6 +17,10 @@ class ModelCard(Struct):
     object: Literal["model"] = "model"
     owned_by: str = "tessera"
     parent: str | None = None
+    version: int | None = None
+    """The base model: how many times it has been loaded (1, then +1 per hot reload)."""
+    adapter_version: str | None = None
+    """An adapter: the version new requests get (name@n; a replacement makes a new one)."""
 
 
 class ModelList(Struct):

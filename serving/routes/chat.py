@@ -84,7 +84,7 @@ class ChatController(Controller):
             contents = [await guard.check_output(content) for content in contents]
         answers = [_answer(plan, content, c.finish_reason) for c, content in zip(choices, contents, strict=True)]
         body = ChatCompletionResponse(
-            id=response_id, created=created, model=server.model_name, usage=generation.usage(),
+            id=response_id, created=created, model=generation.record.model, usage=generation.usage(),
             choices=[
                 ChatChoice(
                     index=c.index,
@@ -117,7 +117,7 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
                   plan: ToolPlan | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
     top = (data.top_logprobs or 0) if data.logprobs else None
-    model = server.model_name
+    model = generation.record.model
 
     def chunk(choices: list[ChatChunkChoice]) -> bytes:
         return sse_event(ChatCompletionChunk(response_id, created, model, choices,

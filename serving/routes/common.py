@@ -39,11 +39,14 @@ def start_generation(server: ServerState, request: Request, data: SamplingFields
                      guided_param: str | None = None) -> Generation:
     """Check everything, then take a seat in the queue (429 when full)."""
     record = request_record(request.scope)
-    record.model, record.user = server.model_name, data.user
+    adapter = server.adapter_for(data.model)
+    record.model, record.user = adapter or server.model_name, data.user
     record.prompt_tokens = sum(len(p) for p in prompts)
     record.set_prompt_text(prompt_text)
     # The caller's tenant (set by the auth guard); the HTTP request id names it in engine logs and audit lines.
     fields = engine_fields(data) | {"tenant": record.tenant, "trace_id": record.request_id}
+    if adapter:
+        fields["adapter"] = adapter
     generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields, guided_param=guided_param)
     generation.check(prompt_param)
     record.ticket = server.admission.acquire()

@@ -69,7 +69,7 @@ class CompletionsController(Controller):
         if guard is not None:
             texts_out = [await guard.check_output(text) for text in texts_out]
         body = CompletionResponse(
-            id=response_id, created=created, model=server.model_name, usage=_usage(generation, only_prompt),
+            id=response_id, created=created, model=generation.record.model, usage=_usage(generation, only_prompt),
             choices=[
                 CompletionChoice(
                     index=c.index,
@@ -147,10 +147,11 @@ async def _events(server: ServerState, generation: Generation, data: CompletionR
                 offsets[index] += sum(len(t) for t in logprobs.tokens)
             choice = CompletionChoice(index, text, logprobs, finish, stop,
                                       _vllm_prompt_logprobs(server, generation, data, prompt_index) if first else None)
-            yield sse_event(CompletionChunk(response_id, created, server.model_name, [choice],
+            yield sse_event(CompletionChunk(response_id, created, generation.record.model, [choice],
                                             _usage(generation, only_prompt) if every_chunk else None))
     if final_usage:
-        yield sse_event(CompletionChunk(response_id, created, server.model_name, [], _usage(generation, only_prompt)))
+        yield sse_event(CompletionChunk(response_id, created, generation.record.model, [],
+                                        _usage(generation, only_prompt)))
 
 
 def _logprobs(server: ServerState, entries: list[tuple[int, TokenLogprob | None]], offset: int,

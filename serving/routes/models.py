@@ -15,8 +15,14 @@ class ModelsController(Controller):
     tags = ["OpenAI"]
     opt = needs(READ)
 
-    @get(operation_id="listModels", summary="The model this server serves")
+    @get(operation_id="listModels", summary="The model this server serves, and its LoRA adapters (parent: the model)")
     async def list_models(self, server: ServerState) -> ModelList:
         root = server.config.model or server.model_name
-        return ModelList([ModelCard(id=server.model_name, created=int(server.started), root=root,
-                                    max_model_len=server.max_model_len)])
+        host = server.adapter_host
+        cards = [ModelCard(id=server.model_name, created=int(server.started), root=root,
+                           max_model_len=server.max_model_len, version=host.model_version if host else None)]
+        adapters = host.adapters if host is not None else None
+        for v in adapters.served() if adapters is not None else []:  # vLLM's cards: root the folder, parent the base
+            cards.append(ModelCard(id=v.name, created=int(v.loaded_at), root=v.path, max_model_len=server.max_model_len,
+                                   parent=server.model_name, version=None, adapter_version=v.version_id))
+        return ModelList(cards)

@@ -41,9 +41,15 @@ def health_snapshot(server: ServerState) -> dict:
         "backend": next((b["backend"] for b in backends if b.get("_value") == 1.0), None),
         "backends_out": sorted(b["backend"] for b in backends if b.get("_value") == 0.0),
         "execution_plan": {k: v for k, v in plan.items() if k not in ("model_name", "_value")},
-        "adapters": [],  # no adapter endpoints yet (BUILD_NOTES)
+        "adapters": _adapters(server),
         "workers": [],  # one in-process engine; the gateway fills this once workers exist
     }
+
+
+def _adapters(server) -> list[dict]:
+    host = server.adapter_host
+    adapters = host.adapters if host is not None else None
+    return adapters.snapshot()["adapters"] if adapters is not None else []
 
 
 def _metric_labels(metrics) -> dict[str, list[dict]]:

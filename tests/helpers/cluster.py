@@ -137,10 +137,18 @@ def start_worker(model: str | Path | None, etcd: str | None = None, *, env: dict
 
 
 def start_gateway(etcd: str, *, env: dict | None = None, timeout: float = 60) -> Process:
+    return _start_http("gateway", {"TESSERA_ETCD": etcd, **(env or {})}, timeout)
+
+
+def start_serve(*, env: dict | None = None, timeout: float = 300) -> Process:
+    """`tessera serve` (the demo model unless TESSERA_MODEL is given) with the workers' engine settings."""
+    return _start_http("serve", {**WORKER_ENV, **(env or {})}, timeout)
+
+
+def _start_http(command: str, env: dict, timeout: float) -> Process:
     port = free_port()
-    settings = {"TESSERA_ETCD": etcd, "TESSERA_PORT": str(port), "TESSERA_LOG_LEVEL": "warning",
-                "TESSERA_TOKENIZER_WORKERS": "1", **(env or {})}
-    handle = _spawn([sys.executable, "-m", "serving.cli", "gateway"], settings)
+    settings = {"TESSERA_PORT": str(port), "TESSERA_LOG_LEVEL": "warning", "TESSERA_TOKENIZER_WORKERS": "1", **env}
+    handle = _spawn([sys.executable, "-m", "serving.cli", command], settings)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -149,7 +157,7 @@ def start_gateway(etcd: str, *, env: dict | None = None, timeout: float = 60) ->
         except httpx.HTTPError:
             return False
 
-    _wait_for(handle, ready, timeout, "gateway")
+    _wait_for(handle, ready, timeout, command)
     handle.address = url
     return handle
 

@@ -47,3 +47,16 @@ def test_autoscale_hints_scale_on_saturation_and_fail_closed_when_stale():
     body = hints(idle_but_stale, target=0.75, stale_after_s=3.0)
     assert body["pools"]["p"]["stale"] and body["pools"]["p"]["desired_replicas"] == 2  # not 1: no scale-down
     assert body["workers"]["w1"]["stale"] and not body["workers"]["w0"]["stale"]
+
+
+def test_a_worker_on_its_cpu_fallback_takes_requests_only_when_no_other_can():
+    ids = list(range(64))
+    keys = prompt_block_keys(ids, 16, "demo")
+    degraded = WorkerView("degraded", pool="a", healthy=True, degraded=True)
+    degraded.apply(BlockStored(tuple(keys), b"", (), 16))  # holds the whole prefix: cheaper, still avoided
+    busy = WorkerView("busy", pool="b", healthy=True, in_flight=3)
+    router = _router(degraded, busy, a=PoolConfig(3), b=PoolConfig(1))
+    assert {router.pick(64, keys).worker_id for _ in range(8)} == {"busy"}
+    assert router.pick(64, keys, exclude={"busy"}).worker_id == "degraded"
+    degraded.degraded = False  # its accelerator is back
+    assert router.pick(64, keys).worker_id == "degraded"
