@@ -76,6 +76,10 @@ class Tokenizer:
         # spaces before punctuation), so plain backend decode matches it for byte-level BPE.
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The backend tokenizer as tokenizer.json text (what grammar engines read)."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -44,8 +44,9 @@ def simulate(engine, device: SimulatedDevice) -> None:
 
     runner = engine.runner
 
-    def fake_step(state_leaves, kv_cache, packed, previous_tokens, adjustments, *, layout):
-        return device.submit(), previous_tokens, kv_cache  # "sampled" is the time the step ends
+    def fake_step(state_leaves, kv_cache, packed, previous_tokens, adjustments, lora_stacks, prompt_targets, *,
+                  layout):
+        return device.submit(), previous_tokens, kv_cache, None  # "sampled" is the time the step ends
 
     def collect(step) -> StepResult:
         waited = time.perf_counter()

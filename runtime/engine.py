@@ -11,9 +11,9 @@ drawn tokens feed N+1 on the device (runtime/runner.py) and reach the host one s
     schedule N+1 -> dispatch N+1, commit -> read N back, complete -> text, stops -> outputs of N
 
 A sequence that N finishes (EOS, stop string, max_tokens, abort) drops its token from N+1.
-Penalties need every output token on the host, so while a request with penalties runs, the
-step in flight is read back before the next is planned (runtime/scheduler.py has the
-commit/complete/rollback shape).
+Penalties and grammars (structured output) need every output token on the host, so while such
+a request runs, the step in flight is read back before the next is planned
+(runtime/scheduler.py has the commit/complete/rollback shape).
 
 A step that raises fails its own requests (outputs with `error` set) and the engine carries
 on; a fault that took the KV cache with it reinitialises the runner (runtime/faults.py).
@@ -48,6 +48,7 @@ from runtime.request import FinishReason, Request, SamplingParams, Sequence, Seq
 from runtime.request_limits import RequestLimits, check_request
 from runtime.runner import InFlightStep, Runner
 from runtime.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from runtime.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()
@@ -127,9 +128,13 @@ class Engine:
         self.model_dir = ""
         self._pending_switch = None  # a ModelSwitch waiting for the batch to drain
         self.eos_token_ids = tokenizer.eos_token_ids | frozenset(model.cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer.to_json(), model.cfg.vocab_size, self.eos_token_ids)
         self.counters = EngineCounters()
         self._texts: dict[int, SequenceText] = {}
         self._timings: dict[str, RequestTimings] = {}  # of unfinished requests, by id
+        # Sample 0's prompt logprobs by prompt position, filled as prefill chunks are read back and
+        # handed out with its first token (a recompute after preemption writes the same values).
+        self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
@@ -260,6 +265,8 @@ class Engine:
         runtime.adapters.AdapterNotFound for an adapter that is not loaded."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_request(ids, params, self.limits)
+        if params.guided is not None:
+            self.grammars.check(params.guided)  # compiled once; a bad spec is this request's ValueError
         adapter_id = ""
         if adapter:
             if self.adapters is None:
@@ -285,6 +292,10 @@ class Engine:
         self._timings[request.request_id] = RequestTimings(request.arrival_time, num_prompt_tokens=request.num_prompt_tokens)
         for seq in request.sequences:
             self._texts[seq.seq_id] = SequenceText(self.tokenizer, seq)
+            if request.params.guided is not None:
+                seq.grammar = self.grammars.start(request.params.guided)
+        if request.params.prompt_logprobs is not None:
+            self._prompt_logprobs[request.sequences[0].seq_id] = [None] * request.num_prompt_tokens
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, **kwargs) -> Request:
         request = self.make_request(prompt, params, **kwargs)
@@ -295,6 +306,7 @@ class Engine:
         request = self.scheduler.abort(request_id, reason)
         if request is None:
             return None
+        self._prompt_logprobs.pop(request.sequences[0].seq_id, None)
         outputs = [
             CompletionOutput(s.index, self._texts.pop(s.seq_id).finish() if s.seq_id in self._texts else "", [],
                              None, reason.value)
@@ -395,14 +407,33 @@ class Engine:
         self.counters.step_seconds += result.seconds
         self.counters.device_wait_seconds += result.wait_seconds
 
+        for seq_id, scored in result.prompt_logprobs.items():
+            slots = self._prompt_logprobs.get(seq_id)
+            for position, logprob in scored if slots is not None else ():
+                slots[position] = logprob
+
         by_request: dict[str, tuple[Request, list[CompletionOutput]]] = {}
+        prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         for seq, token in grown:
+            if seq.grammar is not None:
+                self._advance_grammar(seq, token)
             out = self._sample_output(seq, token, result.logprobs.get(seq.seq_id))
             by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(out)
+            if seq.seq_id in self._prompt_logprobs:  # sample 0's first token: its prompt is done
+                prompt_logprobs[seq.request.request_id] = self._prompt_logprobs.pop(seq.seq_id)
         now = time.monotonic()
         for request, _ in by_request.values():
             self._note_tokens(request, now)
-        return [self._request_output(request, outs) for request, outs in by_request.values()]
+        return [self._request_output(request, outs, prompt_logprobs.get(request.request_id))
+                for request, outs in by_request.values()]
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """A drawn token moves the sample's grammar on; a complete grammar ends the sample."""
+        if not seq.grammar.consume(token) and not seq.is_finished:
+            log.warning("sequence %d drew token %d its grammar does not allow (%s)", seq.seq_id, token,
+                        seq.grammar.error or "rejected")
+        if seq.grammar.is_finished and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
 
     # -- admission: adapter slots and a model switch ---------------------------------------
 
@@ -558,7 +589,8 @@ class Engine:
             seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
         )
 
-    def _request_output(self, request: Request, outputs: list[CompletionOutput]) -> RequestOutput:
+    def _request_output(self, request: Request, outputs: list[CompletionOutput],
+                        prompt_logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:
         now = time.monotonic()
         metrics = {"arrival_time": request.arrival_time}
         if request.first_token_time is not None:
@@ -583,6 +615,7 @@ class Engine:
             num_generated_tokens=timings.num_generation_tokens,
             metrics=metrics,
             timings=timings,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # -- convenience ----------------------------------------------------------------------
@@ -605,7 +638,7 @@ class Engine:
 
 def _needs_host_tokens(flight: InFlightStep) -> bool:
     """Whether a sequence of the step in flight needs its drawn tokens on the host before it can
-    be scheduled again (penalties count every output token)."""
+    be scheduled again (penalties count every output token; a grammar's mask follows them)."""
     return any(c.samples and c.seq.request.params.needs_logit_adjustment and not c.seq.is_finished
                for c in flight.batch.chunks)
 

@@ -16,6 +16,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # the N most likely tokens at this position
+    rank: int | None = None  # 1 + tokens more likely than this one (prompt logprobs, as vLLM)
 
 
 @dataclass(slots=True)
@@ -105,6 +106,9 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     timings: RequestTimings = field(default_factory=RequestTimings)
     error: str | None = None  # set (with finished=True) when the step computing the request failed
+    # Once, with sample 0's first token, when params.prompt_logprobs was asked: one entry per
+    # prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class SequenceText:

@@ -13,6 +13,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from runtime.structured import GuidedDecoding
+
+if TYPE_CHECKING:
+    from runtime.structured import SequenceGrammar
 
 MAX_LOGPROBS = 20
 MAX_N = 16
@@ -41,9 +47,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N alternatives per generated token, N <= 20
+    prompt_logprobs: int | None = None  # top-N alternatives per prompt token (vLLM's field), computed at prefill
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None  # structured output: what the text must match (runtime/structured.py)
 
     def __post_init__(self):
         """Every value must fit the step's arrays (int32, float32): a value that does not is this
@@ -68,6 +76,9 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None:
+            _check(_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   self.prompt_logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop), "stop",
                self.stop, "must be a sequence of non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop), f"at most {MAX_STOP_STRINGS} stop strings")
@@ -76,6 +87,8 @@ class SamplingParams:
                self.stop_token_ids, f"must be a sequence of integers in [0, {INT32_MAX}]")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+        _check(self.guided is None or isinstance(self.guided, GuidedDecoding), "guided", self.guided,
+               "must be a GuidedDecoding")
         if self.seed is not None:
             _check(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
@@ -85,9 +98,11 @@ class SamplingParams:
 
     @property
     def needs_logit_adjustment(self) -> bool:
-        """Penalties or min_tokens: the step must be given per-row token counts and bans."""
+        """Penalties, min_tokens or a grammar: the step must be given per-row token counts, bans
+        and masks, computed from every drawn token (so those are read back before the next step)."""
         return (
-            self.presence_penalty != 0
+            self.guided is not None
+            or self.presence_penalty != 0
             or self.frequency_penalty != 0
             or self.repetition_penalty != 1
             or self.min_tokens > 0
@@ -151,6 +166,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    grammar: SequenceGrammar | None = None  # structured output's state, advanced by each drawn token
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -174,6 +190,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether computing this sample's prompt must also give the prompt's logprobs: sample 0 of
+        a request that asked for them, before its first token. A cached prefix has no logits, so
+        such a prompt is computed in full (the scheduler skips the prefix cache for it)."""
+        return (self.index == 0 and self.request.params.prompt_logprobs is not None
+                and self.num_tokens == self.num_prompt_tokens)
 
     @property
     def seed(self) -> int:

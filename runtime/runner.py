@@ -3,6 +3,9 @@
 Shapes are fixed per token bucket: tokens are padded to the smallest bucket that holds the
 step, and the sequence rows number min(bucket, max_num_seqs), so the whole server compiles
 one program per bucket (two when a request needs logit adjustments), all during `warm_up()`.
+A step that computes a prompt's logprobs (`prompt_logprobs`) takes the logits of every token,
+not only of the sampling rows: a third variant, compiled at its first use (warm_up does not
+pay for what evaluation harnesses alone send).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from runtime import kv_transfer
 from runtime.backend import runs_per_device
 from runtime.execution_plan import ExecutionPlan
 from runtime.request import PENDING_TOKEN, Sequence
-from runtime.sampling import LogitAdjustments, SampledTokens, SamplingInputs, sample_tokens
+from runtime.outputs import TokenLogprob
+from runtime.sampling import LogitAdjustments, PromptLogprobs, SampledTokens, SamplingInputs, prompt_logprobs, sample_tokens
 from runtime.scheduler import SchedulerOutput
 from runtime.step_inputs import NOT_ON_DEVICE, HostStepBuffers, StepLayout
 
@@ -44,16 +48,19 @@ def _step(
     previous_tokens: Int[Array, " max_rows"],
     adjustments: LogitAdjustments | None,
     lora_stacks: LoraStacks | None,
+    prompt_targets: Int[Array, " tokens"] | None,
     *,
     layout: StepLayout,
     max_rows: int,
     attention: str,
     attention_mesh,
     summary_impl: str,
-) -> tuple[SampledTokens, Int[Array, " max_rows"], KVCache]:
+) -> tuple[SampledTokens, Int[Array, " max_rows"], KVCache, PromptLogprobs | None]:
     """One step on the device. Tokens marked in `from_previous` are read from the previous
     step's drawn tokens (still on the device: overlapped scheduling); the drawn tokens come back
-    twice, as the sampler's rows and padded to `max_rows` to feed the next step."""
+    twice, as the sampler's rows and padded to `max_rows` to feed the next step. With
+    `prompt_targets` (each token's next prompt token, -1 for none) every token's logits are
+    computed, the sampler takes its rows from them, and the targets' logprobs come back too."""
     f = layout.unpack(packed)
     on_device = f["from_previous"] != NOT_ON_DEVICE
     tokens = jnp.where(on_device, previous_tokens[jnp.where(on_device, f["from_previous"], 0)], f["tokens"])
@@ -62,11 +69,18 @@ def _step(
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
     lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
-    logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
-                                      lora)
+    prompt = None
+    if prompt_targets is None:
+        logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
+                                          lora)
+    else:
+        every = jnp.arange(layout.tokens, dtype=jnp.int32)
+        all_logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, every, lora)
+        logits = all_logits[f["logits_indices"]]  # the very logits the sampler sees
+        prompt = prompt_logprobs(all_logits, prompt_targets, summary_impl)
     sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
     next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
-    return sampled, next_tokens, kv_cache
+    return sampled, next_tokens, kv_cache, prompt
 
 
 @dataclasses.dataclass
@@ -75,6 +89,8 @@ class StepResult:
     logprobs: dict[int, tuple[float, list[int], list[float]]]  # seq id -> (chosen, top ids, top logprobs)
     seconds: float  # from dispatch to the tokens on the host
     wait_seconds: float = 0.0  # of those, the host blocked on the device
+    # seq id -> (prompt token index, its logprob) for the prompt tokens this step scored
+    prompt_logprobs: dict[int, list[tuple[int, TokenLogprob]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -86,6 +102,8 @@ class InFlightStep:
     next_tokens: jax.Array  # drawn tokens by row, padded to max_num_seqs: the next step's input
     rows: dict[int, int]  # seq id -> row, for the chunks that sample
     dispatched_at: float
+    prompt: PromptLogprobs | None = None
+    prompt_chunks: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (chunk index, first token)
 
 
 class Runner:
@@ -110,7 +128,8 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
-        self._warmed: list[tuple[int, bool, bool]] = []  # (bucket, adjust, lora) programs warm_up compiled
+        # (bucket, adjust, lora, prompt) programs compiled and run: re-run after a fault
+        self._warmed: list[tuple[int, bool, bool, bool]] = []
         self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
                          for b in token_buckets}
         # What a step reads for tokens it takes from the device when the previous step drew none.
@@ -146,15 +165,15 @@ class Runner:
             for adjust in adjust_variants:
                 for lora in lora_variants:
                     jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
-                    if (bucket, adjust, lora) not in self._warmed:
-                        self._warmed.append((bucket, adjust, lora))
+                    if (bucket, adjust, lora, False) not in self._warmed:
+                        self._warmed.append((bucket, adjust, lora, False))
         return time.perf_counter() - started
 
     def _commit_no_previous(self) -> None:
         """Make the stand-in for "no previous step" an output of the step itself, so it is placed
         as every later previous-step input is (a fresh jnp array is not committed to a device,
         and jit would compile a second program for it)."""
-        _, self._no_previous = self._execute(SchedulerOutput(), self.token_buckets[0], False, None)
+        _, self._no_previous, _ = self._execute(SchedulerOutput(), self.token_buckets[0], False, None)
 
     # -- after a fault (runtime/faults.py) ---------------------------------------------------
 
@@ -179,8 +198,8 @@ class Runner:
         self.kv_cache = self.model.allocate_kv_cache(self.num_blocks, self.block_size)
         self._jitted_step = self._jit_step()
         self._commit_no_previous()
-        for bucket, adjust, lora in self._warmed or [(self.token_buckets[0], False, False)]:
-            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora)[0])
+        for bucket, adjust, lora, prompt in self._warmed or [(self.token_buckets[0], False, False, False)]:
+            jax.block_until_ready(self._execute(SchedulerOutput(), bucket, adjust, None, lora, prompt)[0])
         return time.perf_counter() - started
 
     def swap_weights(self, model: LoadedModel) -> None:
@@ -212,9 +231,18 @@ class Runner:
         left pending (PENDING_TOKEN) are the ones `previous` draws; they never visit the host."""
         adjust = any(c.samples and c.seq.request.params.needs_logit_adjustment for c in out.chunks)
         lora = self.adapters is not None and any(c.seq.request.adapter_id for c in out.chunks)
-        sampled, next_tokens = self._execute(out, self.bucket_for(out.num_tokens), adjust, previous, lora)
+        prompt_chunks, at = [], 0
+        for i, c in enumerate(out.chunks):
+            if c.seq.needs_prompt_logits:
+                prompt_chunks.append((i, at))
+            at += c.num_tokens
+        bucket = self.bucket_for(out.num_tokens)
+        key = (bucket, adjust, lora, bool(prompt_chunks))
+        sampled, next_tokens, prompt = self._execute(out, bucket, adjust, previous, lora, bool(prompt_chunks))
+        if key not in self._warmed:  # a variant first compiled now: re-run after a fault too
+            self._warmed.append(key)
         rows = {c.seq.seq_id: row for row, c in enumerate(out.chunks) if c.samples}
-        return InFlightStep(out, sampled, next_tokens, rows, time.perf_counter())
+        return InFlightStep(out, sampled, next_tokens, rows, time.perf_counter(), prompt, prompt_chunks)
 
     def collect(self, step: InFlightStep) -> StepResult:
         """Read a dispatched step's tokens (and the logprobs asked for) back to the host."""
@@ -223,6 +251,7 @@ class Runner:
             (step.sampled.tokens, step.sampled.logprobs, step.sampled.top_ids, step.sampled.top_logprobs)
         )
         waited = time.perf_counter() - waited
+        prompt = self._collect_prompt(step) if step.prompt is not None else {}
         tokens, logprobs = {}, {}
         for row, chunk in enumerate(step.batch.chunks):
             if not chunk.samples:
@@ -232,10 +261,31 @@ class Runner:
             if chunk.seq.request.params.logprobs is not None:
                 n = chunk.seq.request.params.logprobs
                 logprobs[sid] = (float(chosen[row]), top_ids[row, :n].tolist(), top_lps[row, :n].tolist())
-        return StepResult(tokens, logprobs, time.perf_counter() - step.dispatched_at, waited)
+        return StepResult(tokens, logprobs, time.perf_counter() - step.dispatched_at, waited, prompt)
+
+    def _collect_prompt(self, step: InFlightStep) -> dict[int, list[tuple[int, TokenLogprob]]]:
+        """The prompt tokens a step scored: the logits at position p give token p + 1's logprob."""
+        p = step.prompt
+        chosen, ranks, top_ids, top_lps = jax.device_get((p.logprobs, p.ranks, p.top_ids, p.top_logprobs))
+        out = {}
+        for index, at in step.prompt_chunks:
+            chunk = step.batch.chunks[index]
+            seq = chunk.seq
+            n_top = seq.request.params.prompt_logprobs
+            scored = []
+            for k in range(chunk.num_tokens):
+                target = chunk.start + k + 1
+                if target >= seq.num_prompt_tokens:
+                    break
+                row = at + k
+                top = tuple(zip(top_ids[row, :n_top].tolist(), top_lps[row, :n_top].tolist()))
+                scored.append((target, TokenLogprob(seq.request.prompt_token_ids[target], float(chosen[row]), top,
+                                                    int(ranks[row]))))
+            out[seq.seq_id] = scored
+        return out
 
     def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
-                 lora: bool = False) -> tuple[SampledTokens, jax.Array]:
+                 lora: bool = False, prompt: bool = False) -> tuple[SampledTokens, jax.Array, PromptLogprobs | None]:
         buffers = self._buffers[bucket]
         packed, f = buffers.next()
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
@@ -271,6 +321,7 @@ class Runner:
             f["seeds"][row], f["sample_positions"][row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
         adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
+        targets = self._prompt_targets(out, bucket) if prompt else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
         lora_stacks = None
         if lora:
@@ -280,11 +331,25 @@ class Runner:
                 at += chunk.num_tokens
             lora_stacks = self.adapters.stacks
         # The packed buffer goes straight into the jitted call: one host-to-device copy.
-        sampled, next_tokens, self.kv_cache = self._jitted_step(
-            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks,
+        sampled, next_tokens, self.kv_cache, prompt_lps = self._jitted_step(
+            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks, targets,
             layout=buffers.layout,
         )
-        return sampled, next_tokens
+        return sampled, next_tokens, prompt_lps
+
+    @staticmethod
+    def _prompt_targets(out: SchedulerOutput, bucket: int) -> jax.Array:
+        """Each token's next prompt token, for the sequences whose prompt logprobs are wanted."""
+        targets = np.full(bucket, -1, np.int32)
+        at = 0
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.needs_prompt_logits:
+                end = min(chunk.end + 1, seq.num_prompt_tokens)
+                following = seq.request.prompt_token_ids[chunk.start + 1 : end]
+                targets[at : at + len(following)] = following
+            at += chunk.num_tokens
+        return jnp.asarray(targets)
 
     def _adjustments(self, out: SchedulerOutput, S: int) -> LogitAdjustments:
         V = self.vocab_size
@@ -292,6 +357,7 @@ class Runner:
         seen = np.zeros((S, V), np.bool_)
         banned = np.zeros((S, V), np.bool_)
         presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
+        allowed = np.full((S, (V + 31) // 32), -1, np.int32)  # every bit set: no grammar
         for row, chunk in enumerate(out.chunks):
             p = chunk.seq.request.params
             if not (chunk.samples and p.needs_logit_adjustment):
@@ -304,7 +370,9 @@ class Runner:
             presence[row], frequency[row], repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
             if seq.num_output_tokens < p.min_tokens:
                 banned[row, list(seq.request.stop_ids_before_min_tokens)] = True
+            if seq.grammar is not None:
+                seq.grammar.fill_mask(allowed, row)
         return LogitAdjustments(
             jnp.asarray(counts), jnp.asarray(seen), jnp.asarray(banned),
-            jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(repetition),
+            jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(repetition), jnp.asarray(allowed),
         )

@@ -34,7 +34,7 @@ class SamplingInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LogitAdjustments:
-    """Only passed when a row in the batch uses penalties or min_tokens."""
+    """Only passed when a row in the batch uses penalties, min_tokens or a grammar."""
 
     output_counts: Int[Array, "rows vocab"]  # occurrences of each token in the output so far
     seen: Bool[Array, "rows vocab"]  # token occurs in the prompt or the output
@@ -42,6 +42,7 @@ class LogitAdjustments:
     presence_penalty: Float[Array, " rows"]
     frequency_penalty: Float[Array, " rows"]
     repetition_penalty: Float[Array, " rows"]
+    allowed: Int[Array, "rows words"]  # grammar masks: bit t % 32 of word t // 32 set = token t may come next
 
 
 @jax.tree_util.register_dataclass
@@ -64,7 +65,9 @@ def apply_adjustments(logits: Float[Array, "rows vocab"], adj: LogitAdjustments)
     counts = adj.output_counts.astype(logits.dtype)
     logits = logits - adj.frequency_penalty[:, None] * counts
     logits = logits - adj.presence_penalty[:, None] * (counts > 0)
-    return jnp.where(adj.banned, -jnp.inf, logits)
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    allowed = (adj.allowed[:, ids // 32] >> (ids % 32)) & 1
+    return jnp.where(adj.banned | (allowed == 0), -jnp.inf, logits)
 
 
 def sample_tokens(
@@ -84,6 +87,27 @@ def sample_tokens(
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy, lambda: _draw(logits, s, greedy))
     chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
     return SampledTokens(tokens, chosen, top_ids, top_logits - lse[:, None])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Per token of the step: the logprob of the prompt token that follows it."""
+
+    logprobs: Float[Array, " tokens"]  # of the target token (meaningless where the target is -1)
+    ranks: Int[Array, " tokens"]  # 1 + tokens with a larger logit
+    top_ids: Int[Array, "tokens top"]
+    top_logprobs: Float[Array, "tokens top"]
+
+
+def prompt_logprobs(logits: Float[Array, "tokens vocab"], targets: Int[Array, " tokens"],
+                    summary_impl: str = "xla") -> PromptLogprobs:
+    """Logprobs of each position's next prompt token (`targets`, -1 for none), from the logits
+    the step computed for every position, normalised as the sampler's are (`_summary`)."""
+    top_logits, top_ids, lse = _summary(logits, min(NUM_TOP_LOGPROBS, logits.shape[-1]), summary_impl)
+    target_logits = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)
+    ranks = jnp.sum(logits > target_logits, axis=-1, dtype=jnp.int32) + 1
+    return PromptLogprobs(target_logits[:, 0] - lse, ranks, top_ids, top_logits - lse[:, None])
 
 
 def _summary(logits: Float[Array, "rows vocab"], k: int, impl: str):

@@ -217,7 +217,7 @@ class Scheduler:
             candidates.remove(seq)
             if self.admission_gate is not None and not self.admission_gate(seq, self.running):
                 continue
-            cached = self.blocks.find_cached_prefix(seq)
+            cached = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(seq)
             num_cached = len(cached) * self.blocks.block_size
             seq.num_computed_tokens = num_cached
             n = self._chunk_size(seq, budget, tenant_cap, spent)

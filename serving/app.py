@@ -31,6 +31,7 @@ from serving.routes.completions import CompletionsController
 from serving.routes.debug import DebugController
 from serving.routes.health import HealthController, _tessera_version
 from serving.routes.models import ModelsController
+from serving.routes.responses import ResponsesController
 from serving.routes.tokenize import TokenizeController
 from serving.state import ServerState
 
@@ -70,7 +71,8 @@ class TesseraPlugin(InitPluginProtocol):
 
     def _configure_routes(self, app_config: AppConfig) -> None:
         server = self.server
-        app_config.route_handlers += [CompletionsController, ChatController, ModelsController, TokenizeController,
+        app_config.route_handlers += [CompletionsController, ChatController, ResponsesController, ModelsController,
+                                      TokenizeController,
                                       HealthController, DebugController, AdminKeysController, AdminRateLimitsController,
                                       AuthController, LoraAdaptersController, AdapterDebugController,
                                       ModelReloadController]

@@ -21,7 +21,8 @@ from runtime.failover import BackendDegradedError
 from runtime.outputs import RequestOutput, TokenLogprob
 from runtime.request import Request as EngineRequest
 from runtime.request import SamplingParams
-from serving.errors import APIError, ClientDisconnected, from_engine_error
+from runtime.structured import GrammarError
+from serving.errors import APIError, ClientDisconnected, bad_request, from_engine_error
 from serving.protocol.common import PromptTokensDetails, Usage, encode_json
 from serving.records import RequestRecord
 from serving.state import ServerState, model_not_found
@@ -58,6 +59,10 @@ class Generation:
     num_cached_tokens: int = 0
     requests: list[EngineRequest] = field(default_factory=list)
     """One checked engine request per prompt, made by `check`."""
+    guided_param: str | None = None
+    """The field that asked for structured output: named when its grammar cannot be compiled."""
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+    """By prompt index, once the engine has given them (params.prompt_logprobs)."""
 
     def check(self, prompt_param: str) -> None:
         """The engine's own checks (context length, vocabulary, n...), as 400s, before queueing."""
@@ -65,6 +70,8 @@ class Generation:
         try:
             self.requests = [engine.make_request(ids, self.params, request_id=f"{self.request_id}-{i}",
                                                  **self.engine_fields) for i, ids in enumerate(self.prompts)]
+        except GrammarError as e:
+            raise bad_request(str(e), self.guided_param) from None
         except ValueError as e:
             raise from_engine_error(e, prompt_param) from None
         except AdapterNotFound as e:  # unloaded since the model name was checked
@@ -92,6 +99,8 @@ class Generation:
                 if prompt_index == 0:  # the logs and /debug keep the first choice's text
                     self.record.add_completion_text([o.text for o in output.outputs if o.index == 0])
                 self.record.finish_reasons += [o.finish_reason for o in output.outputs if o.finish_reason]
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = output.prompt_logprobs
                 if output.finished:
                     self.num_cached_tokens += output.num_cached_tokens
                     timings = getattr(output, "timings", None)

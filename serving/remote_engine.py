@@ -239,6 +239,8 @@ def checked_request(tokenizer: Tokenizer, limits: RequestLimits, prompt: str | l
                     request_id: str | None = None, priority: int = 0, tenant: str = "default", cache_salt: str = "",
                     trace_id: str = "") -> Request:
     """`make_request` of a client that holds a worker's tokenizer and limits: the worker's checks, here."""
+    if lost := convert.local_only_params(params):
+        raise ValueError(f"{lost[0]} is not supported through a remote worker yet")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_request(ids, params, limits)
     return Request(request_id=request_id or f"req-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from runtime.request import SamplingParams
+from runtime.structured import GuidedDecoding
 from serving.errors import bad_request, from_engine_error
 from serving.protocol.common import SamplingFields
 
 
 def sampling_params(data: SamplingFields, *, max_tokens: int, logprobs: int | None,
-                    defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
+                    defaults: Mapping[str, float | int] | None = None,
+                    prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None) -> SamplingParams:
     """`defaults`: the model's generation_config.json sampling fields, used for fields the
-    request leaves out (as vLLM does); then OpenAI's defaults."""
+    request leaves out (as vLLM does); then OpenAI's defaults. `prompt_logprobs`: the top-N to
+    compute for prompt tokens when the endpoint needs more than the request's own field asks."""
     if data.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     defaults = defaults or {}
@@ -40,12 +43,18 @@ def sampling_params(data: SamplingFields, *, max_tokens: int, logprobs: int | No
             frequency_penalty=data.frequency_penalty,
             repetition_penalty=pick("repetition_penalty", 1.0),
             logprobs=logprobs,
+            prompt_logprobs=_larger(data.prompt_logprobs, prompt_logprobs),
             n=data.n,
             include_stop_str_in_output=data.include_stop_str_in_output,
             skip_special_tokens=data.skip_special_tokens,
+            guided=guided,
         )
     except ValueError as e:
         raise from_engine_error(e) from None
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def engine_fields(data: SamplingFields) -> dict:

@@ -14,6 +14,7 @@ from serving.config import ServerConfig
 from serving.errors import APIError
 from serving.in_flight import InFlight
 from serving.records import RecentRequests
+from serving.response_store import ResponseStore
 from serving.tokenizer_pool import TokenizerPool
 
 
@@ -35,6 +36,7 @@ class ServerState:
     admission: Admission = field(init=False)
     recent: RecentRequests = field(init=False)
     in_flight: InFlight = field(default_factory=InFlight)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses' previous_response_id
     """Generation requests holding a seat, for the admin UI's Live page."""
 
     def __post_init__(self):

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_LOGPROBS, PositiveInt, SamplingFields, Usage
+from serving.protocol.common import MAX_LOGPROBS, PositiveInt, PromptLogprob, SamplingFields, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -33,11 +33,25 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     """Alternatives per token; needs logprobs=true."""
-    response_format: dict[str, Any] | None = None
-    """Only {"type": "text"}."""
     tools: list[dict[str, Any]] | None = None
-    """Not supported yet."""
+    """Functions the model may call: [{"type": "function", "function": {"name", "description", "parameters"}}]."""
     tool_choice: str | dict[str, Any] | None = None
+    """"none", "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}."""
+    parallel_tool_calls: bool | None = None
+    """With "required": whether several calls may come (default true)."""
+    # OpenAI fields Tessera does not serve: named in a 400 rather than ignored.
+    functions: list[Any] | None = None
+    """Not supported (the legacy form of tools)."""
+    function_call: Any | None = None
+    """Not supported (the legacy form of tool_choice)."""
+    audio: Any | None = None
+    """Not supported."""
+    modalities: list[str] | None = None
+    """["text"] only."""
+    prediction: Any | None = None
+    """Not supported."""
+    web_search_options: Any | None = None
+    """Not supported."""
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables for the chat template."""
@@ -63,13 +77,14 @@ class ChatLogprobs(Struct):
 class ChatResponseMessage(Struct):
     content: str | None
     role: Literal["assistant"] = "assistant"
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(Struct):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
@@ -80,18 +95,21 @@ class ChatCompletionResponse(Struct):
     choices: list[ChatChoice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    """vLLM's, when asked for: the rendered prompt's tokens (not streamed)."""
 
 
 class ChatDelta(Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

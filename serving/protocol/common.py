@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -89,6 +89,32 @@ class SamplingFields(Struct, kw_only=True):
     """Lower runs first."""
     cache_salt: ShortText | None = None
     """Keeps this request's prefix-cache entries apart from other salts."""
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    """vLLM's: each prompt token's logprob and this many alternatives (the first token's is null).
+    Such a prompt is computed in full: the prefix cache holds no logits."""
+    # Structured output (serving/structured.py): at most one of these.
+    response_format: dict[str, Any] | None = None
+    """OpenAI's: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's: one of {"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": Lark or GBNF},
+    {"json_object": true}."""
+    guided_json: dict[str, Any] | str | None = None
+    """vLLM's older field: a JSON schema."""
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    """Lark or GBNF."""
+    guided_whitespace_pattern: str | None = None
+    """Not supported: JSON output is compact."""
+
+
+class PromptLogprob(Struct):
+    """vLLM's entry of `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 def encode_json(value) -> bytes:

@@ -12,6 +12,7 @@ from serving.errors import APIError, bad_request
 from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
 from serving.generation import Generation, sse_event
+from serving.prompt_logprobs import vllm_prompt_logprobs
 from serving.prompts import render_chat
 from serving.protocol.chat import (
     ChatChoice,
@@ -29,6 +30,8 @@ from serving.protocol.chat import (
 from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
+from serving.structured import guided_decoding
+from serving.tools import ToolCall, ToolPlan, check_tool_turns, template_inputs, tool_plan
 from serving.state import ServerState
 
 
@@ -42,19 +45,30 @@ class ChatController(Controller):
     async def create(self, request: Request, data: ChatCompletionRequest, server: ServerState) -> ChatCompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        guided, guided_param = guided_decoding(data)
+        template = server.tokenizer.chat_template
+        plan = tool_plan(data.tools, data.tool_choice, data.parallel_tool_calls, template)
+        if plan is not None and plan.forced:
+            if guided is not None:
+                raise bad_request(f"{guided_param} cannot be combined with tool_choice {plan.choice!r}", guided_param)
+            guided, guided_param = plan.guided(), "tools"
         plain = plain_messages(data.messages)
+        check_tool_turns(plain)
         guard = RequestGuard.for_request(server, request, "chat")
         if guard is not None:
-            guard.refuse_logprobs(bool(data.logprobs))
+            guard.refuse_logprobs(bool(data.logprobs) or data.prompt_logprobs is not None)
             plain = await guard.check_messages(plain)  # before the template and the tokenizer
+        messages, tool_kwargs = template_inputs(plain, plan, template)
         with tokenize_stage(request):
-            text, ids = await render_chat(server, plain, data.add_generation_prompt, data.chat_template_kwargs)
+            text, ids = await render_chat(server, messages, data.add_generation_prompt,
+                                          {**(data.chat_template_kwargs or {}), **tool_kwargs})
         requested = data.max_completion_tokens or data.max_tokens
         max_tokens = requested or max(server.max_model_len - len(ids), 1)  # vLLM's default: the rest of the context
         top = (data.top_logprobs or 0) if data.logprobs else None
-        params = sampling_params(data, max_tokens=max_tokens, logprobs=top, defaults=server.sampling_defaults)
+        params = sampling_params(data, max_tokens=max_tokens, logprobs=top, defaults=server.sampling_defaults,
+                                 guided=guided)
         try:
-            generation = start_generation(server, request, data, [ids], params, "messages", text)
+            generation = start_generation(server, request, data, [ids], params, "messages", text, guided_param)
         except APIError as e:
             if e.param == "max_tokens" and data.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"  # name the field the client sent
@@ -62,29 +76,45 @@ class ChatController(Controller):
         created, response_id = int(time.time()), f"chatcmpl-{generation.request_id}"
         if data.stream:
             streams = guard.streams(data.n) if guard is not None else None
-            return sse_response(generation, _events(server, generation, data, response_id, created, streams),
+            return sse_response(generation, _events(server, generation, data, response_id, created, streams, plan),
                                 headers=guard.headers() if guard is not None else None)
         choices = await generation.choices(request)
         contents = ["".join(c.text) for c in choices]
         if guard is not None:
             contents = [await guard.check_output(content) for content in contents]
+        answers = [_answer(plan, content, c.finish_reason) for c, content in zip(choices, contents, strict=True)]
         body = ChatCompletionResponse(
             id=response_id, created=created, model=generation.record.model, usage=generation.usage(),
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=content),
+                    message=message,
                     logprobs=_logprobs(server, c.logprobs, top) if top is not None else None,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    finish_reason=finish, stop_reason=c.stop_reason,
                 )
-                for c, content in zip(choices, contents, strict=True)
+                for c, (message, finish) in zip(choices, answers, strict=True)
             ],
+            prompt_logprobs=None if data.prompt_logprobs is None else
+            vllm_prompt_logprobs(server, generation.prompt_logprobs.get(0, []), data.prompt_logprobs),
         )
         return Response(body, headers=guard.headers()) if guard is not None else body
 
 
+def _answer(plan: ToolPlan | None, content: str, finish: str | None) -> tuple[ChatResponseMessage, str | None]:
+    """The message and finish reason of a finished choice, its tool calls parsed out."""
+    if plan is None or plan.choice == "none":
+        return ChatResponseMessage(content=content), finish
+    text, calls = plan.calls(content)
+    if not calls:
+        return ChatResponseMessage(content=text), finish
+    # A forced function ends as "stop", as OpenAI's do; calls the model chose end as "tool_calls".
+    reason = finish if plan.named is not None or finish != "stop" else "tool_calls"
+    return ChatResponseMessage(content=text, tool_calls=[c.as_openai() for c in calls]), reason
+
+
 async def _events(server: ServerState, generation: Generation, data: ChatCompletionRequest, response_id: str,
-                  created: int, streams: list[ChoiceStream] | None = None) -> AsyncIterator[bytes]:
+                  created: int, streams: list[ChoiceStream] | None = None,
+                  plan: ToolPlan | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
     top = (data.top_logprobs or 0) if data.logprobs else None
     model = generation.record.model
@@ -95,9 +125,15 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
 
     for index in range(data.n):  # the role first, as OpenAI does
         yield chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
+    calling = plan is not None and plan.choice != "none"
+    held: dict[int, list[str]] = {}  # tool calling: each choice's text so far
     async for _, output in generation.outputs():
         for o in output.outputs:
             text = o.text if streams is None else streams[o.index].text(o.text, o.finish_reason is not None)
+            if calling:
+                for delta, finish in _tool_deltas(plan, held.setdefault(o.index, []), text, o.finish_reason):
+                    yield chunk([ChatChunkChoice(o.index, delta, None, finish, o.stop_reason if finish else None)])
+                continue
             if not text and o.finish_reason is None and not o.logprobs:
                 continue  # text held back (a partial character, a possible stop string, a guardrail's window)
             logprobs = _logprobs(server, o.logprobs or [], top) if top is not None else None
@@ -105,6 +141,34 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
             yield chunk([ChatChunkChoice(o.index, delta, logprobs, o.finish_reason, o.stop_reason)])
     if final_usage:
         yield sse_event(ChatCompletionChunk(response_id, created, model, [], generation.usage()))
+
+
+def _tool_deltas(plan: ToolPlan, held: list[str], text: str, finish: str | None):
+    """Streamed tool calls, as OpenAI sends them: a named function's arguments as they come (its
+    first delta carries the call's id and name); otherwise the text is held to the end, then each
+    call is one delta (or the text is content when it holds none)."""
+    first = not held
+    held.append(text)
+    if plan.named is not None:
+        call = {"index": 0, "function": {"arguments": text}}
+        if first:
+            call = ToolCall(plan.named, text).as_openai(index=0)
+        if text or first:
+            yield ChatDelta(tool_calls=[call]), None
+        if finish is not None:
+            yield ChatDelta(), finish
+        return
+    if finish is None:
+        return
+    message, reason = _answer(plan, "".join(held), finish)
+    if message.tool_calls:
+        if message.content:
+            yield ChatDelta(content=message.content), None
+        for index, call in enumerate(message.tool_calls):
+            yield ChatDelta(tool_calls=[{"index": index, **call}]), None
+    elif message.content:
+        yield ChatDelta(content=message.content), None
+    yield ChatDelta(), reason
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -144,10 +208,14 @@ def _logprobs(server: ServerState, logprobs: list[TokenLogprob], top: int) -> Ch
 
 
 def _refuse_unsupported(data: ChatCompletionRequest) -> None:
-    if data.tools:
-        raise bad_request("tools (function calling) are not supported yet", "tools", "unsupported_parameter")
-    if data.response_format is not None and data.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+    for name, hint in (("functions", "; use tools"), ("function_call", "; use tool_choice"), ("audio", ""),
+                       ("prediction", ""), ("web_search_options", "")):
+        if getattr(data, name) is not None:
+            raise bad_request(f"{name} is not supported{hint}", name, "unsupported_parameter")
+    if data.modalities is not None and data.modalities != ["text"]:
+        raise bad_request('modalities must be ["text"]', "modalities", "unsupported_parameter")
+    if data.prompt_logprobs is not None and data.stream:
+        raise bad_request("prompt_logprobs is answered only without streaming on this endpoint", "prompt_logprobs",
                           "unsupported_parameter")
     if data.top_logprobs is not None and not data.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")

@@ -35,7 +35,8 @@ ERROR_RESPONSES = {
 
 
 def start_generation(server: ServerState, request: Request, data: SamplingFields, prompts: list[list[int]],
-                     params: SamplingParams, prompt_param: str, prompt_text: str | None) -> Generation:
+                     params: SamplingParams, prompt_param: str, prompt_text: str | None,
+                     guided_param: str | None = None) -> Generation:
     """Check everything, then take a seat in the queue (429 when full)."""
     record = request_record(request.scope)
     adapter = server.adapter_for(data.model)
@@ -46,7 +47,7 @@ def start_generation(server: ServerState, request: Request, data: SamplingFields
     fields = engine_fields(data) | {"tenant": record.tenant, "trace_id": record.request_id}
     if adapter:
         fields["adapter"] = adapter
-    generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields)
+    generation = Generation(server, prompts, params, record, uuid.uuid4().hex, fields, guided_param=guided_param)
     generation.check(prompt_param)
     record.ticket = server.admission.acquire()
     server.in_flight.add(generation)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 from litestar import Controller, Request, Response, post
 
 from runtime.outputs import TokenLogprob
@@ -12,6 +13,7 @@ from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
 from serving.errors import APIError, bad_request
 from serving.generation import Generation, sse_event
+from serving.prompt_logprobs import vllm_prompt_logprobs
 from serving.prompts import check_prompt_bytes, checked_ids, decode, encode_text
 from serving.protocol.completions import (
     CompletionChoice,
@@ -23,6 +25,7 @@ from serving.protocol.completions import (
 from serving.routes.guarded import ChoiceStream, RequestGuard
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage, usage_fields
 from serving.sampling import sampling_params
+from serving.structured import guided_decoding
 from serving.state import ServerState
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
@@ -39,34 +42,43 @@ class CompletionsController(Controller):
     async def create(self, request: Request, data: CompletionRequest, server: ServerState) -> CompletionResponse:
         server.check_model(data.model)
         _refuse_unsupported(data)
+        guided, guided_param = guided_decoding(data)
         guard = RequestGuard.for_request(server, request, "completions")
         items = _prompt_items(data.prompt)
         if guard is not None:
-            guard.refuse_logprobs(data.logprobs is not None)
+            guard.refuse_logprobs(data.logprobs is not None or data.prompt_logprobs is not None)
             items = await _checked_items(server, guard, items, several=not _single_prompt(data.prompt))
         with tokenize_stage(request):
             prompts, texts = await _encode(server, items, several=not _single_prompt(data.prompt))
-        params = sampling_params(data, max_tokens=data.max_tokens or DEFAULT_MAX_TOKENS, logprobs=data.logprobs,
-                                 defaults=server.sampling_defaults)
-        generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts))
+        # max_tokens=0 (echo only): the engine draws one token, which nobody sees.
+        max_tokens = DEFAULT_MAX_TOKENS if data.max_tokens is None else max(data.max_tokens, 1)
+        params = sampling_params(data, max_tokens=max_tokens, logprobs=data.logprobs,
+                                 defaults=server.sampling_defaults,
+                                 prompt_logprobs=data.logprobs if data.echo else None, guided=guided)
+        generation = start_generation(server, request, data, prompts, params, "prompt", "\n".join(texts),
+                                      guided_param)
         created, response_id = int(time.time()), f"cmpl-{generation.request_id}"
-        echo = texts if data.echo else None
+        echo = _Echo(prompts, texts) if data.echo else None
         if data.stream:
             streams = guard.streams(len(prompts) * data.n) if guard is not None else None
             return sse_response(generation, _events(server, generation, data, response_id, created, echo, streams),
                                 headers=guard.headers() if guard is not None else None)
         choices = await generation.choices(request)
-        texts_out = ["".join(c.text) for c in choices]
+        only_prompt = data.max_tokens == 0
+        texts_out = ["" if only_prompt else "".join(c.text) for c in choices]
         if guard is not None:
             texts_out = [await guard.check_output(text) for text in texts_out]
         body = CompletionResponse(
-            id=response_id, created=created, model=generation.record.model, usage=generation.usage(),
+            id=response_id, created=created, model=generation.record.model, usage=_usage(generation, only_prompt),
             choices=[
                 CompletionChoice(
                     index=c.index,
-                    text=(echo[c.index // data.n] if echo else "") + text,
-                    logprobs=_logprobs(server, c.logprobs, 0) if data.logprobs is not None else None,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    text=(echo.texts[c.index // data.n] if echo else "") + text,
+                    logprobs=_choice_logprobs(server, generation, data, c.index // data.n,
+                                              [] if only_prompt else c.logprobs, True),
+                    finish_reason="length" if only_prompt else c.finish_reason,
+                    stop_reason=None if only_prompt else c.stop_reason,
+                    prompt_logprobs=_vllm_prompt_logprobs(server, generation, data, c.index // data.n),
                 )
                 for c, text in zip(choices, texts_out, strict=True)
             ],
@@ -74,42 +86,89 @@ class CompletionsController(Controller):
         return Response(body, headers=guard.headers()) if guard is not None else body
 
 
+class _Echo:
+    """The prompts a request echoes: their ids (for the logprobs' tokens) and texts."""
+
+    def __init__(self, ids: list[list[int]], texts: list[str]):
+        self.ids, self.texts = ids, texts
+
+
+def _usage(generation: Generation, only_prompt: bool):
+    usage = generation.usage()
+    if only_prompt:  # the token drawn to finish the prefill is not part of the answer
+        usage = msgspec.structs.replace(usage, completion_tokens=0, total_tokens=usage.prompt_tokens)
+    return usage
+
+
+def _choice_logprobs(server: ServerState, generation: Generation, data: CompletionRequest, prompt_index: int,
+                     logprobs: list[TokenLogprob], first: bool) -> CompletionLogprobs | None:
+    """OpenAI's logprobs lists; with echo, the first piece of a choice starts with the prompt's."""
+    if data.logprobs is None:
+        return None
+    entries: list[tuple[int, TokenLogprob | None]] = []
+    if data.echo and first:
+        prompt_ids = generation.prompts[prompt_index]
+        prompt_lps = generation.prompt_logprobs.get(prompt_index) or [None] * len(prompt_ids)
+        entries += zip(prompt_ids, prompt_lps, strict=True)
+    entries += [(lp.token_id, lp) for lp in logprobs]
+    return _logprobs(server, entries, 0, data.logprobs)
+
+
+def _vllm_prompt_logprobs(server: ServerState, generation: Generation, data: CompletionRequest, prompt_index: int):
+    if data.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(server, generation.prompt_logprobs.get(prompt_index, []), data.prompt_logprobs)
+
+
 async def _events(server: ServerState, generation: Generation, data: CompletionRequest, response_id: str,
-                  created: int, echo: list[str] | None,
+                  created: int, echo: _Echo | None,
                   streams: list[ChoiceStream] | None = None) -> AsyncIterator[bytes]:
     final_usage, every_chunk = usage_fields(data)
-    offsets: dict[int, int] = {}  # text offset of each choice so far
+    only_prompt = data.max_tokens == 0
+    offsets: dict[int, int] = {}  # logprobs' text offset of each choice so far
     async for prompt_index, output in generation.outputs():
         for o in output.outputs:
             index = prompt_index * data.n + o.index
             text = o.text if streams is None else streams[index].text(o.text, o.finish_reason is not None)
-            if index not in offsets:
+            finish, stop, token_lps = o.finish_reason, o.stop_reason, o.logprobs or []
+            if only_prompt:
+                text, token_lps, stop = "", [], None
+                finish = "length" if finish else None
+            first = index not in offsets
+            if first:
                 offsets[index] = 0
                 if echo:
-                    text = echo[prompt_index] + text
-            if not text and o.finish_reason is None and not o.logprobs:
+                    text = echo.texts[prompt_index] + text
+            if not text and finish is None and not token_lps:
                 continue  # text held back (a partial character or a possible stop string)
-            logprobs = _logprobs(server, o.logprobs or [], offsets[index]) if data.logprobs is not None else None
-            offsets[index] += len(text)
-            choice = CompletionChoice(index, text, logprobs, o.finish_reason, o.stop_reason)
+            logprobs = _choice_logprobs(server, generation, data, prompt_index, token_lps, first)
+            if logprobs is not None:  # offsets count token texts, as the whole answer's do
+                logprobs.text_offset = [offsets[index] + at for at in logprobs.text_offset]
+                offsets[index] += sum(len(t) for t in logprobs.tokens)
+            choice = CompletionChoice(index, text, logprobs, finish, stop,
+                                      _vllm_prompt_logprobs(server, generation, data, prompt_index) if first else None)
             yield sse_event(CompletionChunk(response_id, created, generation.record.model, [choice],
-                                            generation.usage() if every_chunk else None))
+                                            _usage(generation, only_prompt) if every_chunk else None))
     if final_usage:
-        yield sse_event(CompletionChunk(response_id, created, generation.record.model, [], generation.usage()))
+        yield sse_event(CompletionChunk(response_id, created, generation.record.model, [],
+                                        _usage(generation, only_prompt)))
 
 
-def _logprobs(server: ServerState, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+def _logprobs(server: ServerState, entries: list[tuple[int, TokenLogprob | None]], offset: int,
+              top: int) -> CompletionLogprobs:
+    """Entries are (token id, its logprob or None: the first prompt token has none)."""
     tokens, offsets = [], []
-    for lp in logprobs:
-        tokens.append(server.token_text(lp.token_id))
+    for token_id, _ in entries:
+        tokens.append(server.token_text(token_id))
         offsets.append(offset)
         offset += len(tokens[-1])
     return CompletionLogprobs(
         tokens=tokens,
-        token_logprobs=[lp.logprob for lp in logprobs],
+        token_logprobs=[None if lp is None else lp.logprob for _, lp in entries],
         top_logprobs=[
-            {server.token_text(lp.token_id): lp.logprob} | {server.token_text(t): v for t, v in lp.top}
-            for lp in logprobs
+            None if lp is None else
+            {server.token_text(lp.token_id): lp.logprob} | {server.token_text(t): v for t, v in lp.top[:top]}
+            for _, lp in entries
         ],
         text_offset=offsets,
     )
@@ -183,6 +242,5 @@ def _refuse_unsupported(data: CompletionRequest) -> None:
     if data.best_of is not None and data.best_of != data.n:
         raise bad_request("best_of must equal n (or be left out): Tessera does not rank samples", "best_of",
                           "unsupported_parameter")
-    if data.echo and data.logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which Tessera does not compute",
-                          "echo", "unsupported_parameter")
+    if data.max_tokens == 0 and not data.echo:
+        raise bad_request("max_tokens=0 needs echo=true (it returns the prompt alone)", "max_tokens")

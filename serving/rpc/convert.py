@@ -15,8 +15,18 @@ _OPTIONAL_PARAMS = ("seed", "logprobs")  # None <-> unset (proto3 `optional`)
 _TUPLE_PARAMS = ("stop", "stop_token_ids")
 
 
+def local_only_params(params: SamplingParams) -> list[str]:
+    """Fields set to something the worker protocol does not carry yet (it would drop them)."""
+    carried = pb.SamplingParams.DESCRIPTOR.fields_by_name
+    return [f.name for f in dataclasses.fields(params)
+            if f.name not in carried and getattr(params, f.name) != f.default]
+
+
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    if lost := local_only_params(params):
+        raise ValueError(f"{lost[0]} is not supported through a remote worker yet")
+    carried = pb.SamplingParams.DESCRIPTOR.fields_by_name
+    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name in carried}
     return pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -24,6 +34,8 @@ def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
     """Raises ValueError (SamplingParams' own checks) for values that do not fit."""
     values = {}
     for f in dataclasses.fields(SamplingParams):
+        if f.name not in message.DESCRIPTOR.fields_by_name:
+            continue  # not carried yet: its default
         if f.name in _OPTIONAL_PARAMS:
             values[f.name] = getattr(message, f.name) if message.HasField(f.name) else None
         elif f.name in _TUPLE_PARAMS:

@@ -68,13 +68,24 @@ def test_logprobs_are_of_the_raw_distribution():
     np.testing.assert_allclose(np.asarray(out.top_logprobs[0, :4]), np.log(PROBS), rtol=1e-6)
 
 
-def _adjust(counts, seen, banned=None, presence=0.0, frequency=0.0, repetition=1.0):
+def _adjust(counts, seen, banned=None, presence=0.0, frequency=0.0, repetition=1.0, allowed=-1):
     v = len(counts)
     return LogitAdjustments(
         jnp.asarray([counts], jnp.int32), jnp.asarray([seen], bool),
         jnp.asarray([banned or [False] * v], bool),
         jnp.asarray([presence], jnp.float32), jnp.asarray([frequency], jnp.float32), jnp.asarray([repetition], jnp.float32),
+        jnp.full((1, (v + 31) // 32), allowed, jnp.int32),
     )
+
+
+def test_a_grammar_mask_leaves_only_its_tokens():
+    # Bits 2 and 3 set: only tokens 2 and 3 may be drawn, greedy picks the likelier of them.
+    out = sample_tokens(LOGITS, _inputs(1, temperature=0.0), _adjust([0] * 4, [0] * 4, allowed=0b1100))
+    assert int(out.tokens[0]) == 2
+    drawn = {int(sample_tokens(LOGITS, _inputs(1, temperature=1.0, seed=s), _adjust([0] * 4, [0] * 4,
+                                                                                     allowed=0b1010)).tokens[0])
+             for s in range(20)}
+    assert drawn == {1, 3}
 
 
 @pytest.mark.parametrize(
