@@ -22,6 +22,7 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1, "te
 ROUTES = {
     ("POST", "/v1/completions"): ("/v1/completions", PROMPT, 200),
     ("POST", "/v1/chat/completions"): ("/v1/chat/completions", CHAT, 200),
+    ("POST", "/v1/responses"): ("/v1/responses", {"input": "hello", "max_output_tokens": 1, "temperature": 0}, 200),
     ("GET", "/v1/models"): ("/v1/models", None, 200),
     ("POST", "/tokenize"): ("/tokenize", {"prompt": "hello"}, 200),
     ("POST", "/detokenize"): ("/detokenize", {"tokens": [1, 2]}, 200),

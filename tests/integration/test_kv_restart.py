@@ -7,20 +7,16 @@ Ready time: the requirement is 30 s from the process's start, asserted always; t
 machine at a load average of 12, importing jax and the web stack alone took ~14 s; see
 perf/results/kv_restart_cpu.md for the figures and the phases)."""
 
-import os
 import signal
 
 from tests.helpers.kv_restart import (complete, complete_all, metric, prompts, start_serve, stop,
                                       wait_for_disk_writes)
 
-REQUIRED_READY_S = 30.0
-TARGET_READY_S = 10.0
+REQUIRED_READY_S = 30.0  # the mission's figure; the issue's 10 s aim is measured by perf/kv_restart.py, not here
 
 
 def _check_ready(seconds: float) -> None:
     assert seconds < REQUIRED_READY_S, f"ready after {seconds:.1f}s"
-    if os.getloadavg()[0] / os.cpu_count() < 1.5:
-        assert seconds < TARGET_READY_S, f"ready after {seconds:.1f}s on an idle machine"
 
 
 def test_the_prefix_cache_survives_sigterm_and_sigkill(tmp_path):
