@@ -21,7 +21,7 @@ import httpx
 
 from runtime.request import SamplingParams
 from serving.remote_engine import remote_engine
-from tests.helpers.cluster import put_pool, start_etcd, start_gateway, start_sim_workers
+from tests.helpers.cluster import put_pool, start_etcd, start_gateway, start_sim_workers, stop_cluster
 
 STREAMS, TOKENS, ROUNDS = 8, 64, 4
 
@@ -129,13 +129,7 @@ def main() -> None:
         direct_ttft, direct_tps = asyncio.run(direct(solo.address))
         gw_ttft, gw_tps = asyncio.run(through_gateway(gateway.address))
     finally:
-        if gateway is not None:
-            gateway.stop()
-        for w in workers:
-            w.process.terminate()
-        for w in workers:
-            w.stop(5)
-        etcd.stop()
+        stop_cluster(gateway, workers, etcd)
     p50 = statistics.median
     print(f"## 64 simulated workers, one gateway ({time.strftime('%Y-%m-%d')})\n")
     print(f"Machine: {model}, {len([l for l in cpu.splitlines() if l.startswith('CPU(s)')]) and cpu.split('CPU(s):')[1].split()[0]} CPUs "

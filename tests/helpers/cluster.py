@@ -181,6 +181,17 @@ def start_sim_workers(etcd: str, pools: dict[str, int], timeout: float = 120) ->
     return handles
 
 
+def stop_cluster(gateway: Process | None, workers: list[Process], etcd: Process) -> None:
+    """Stop a gateway, its workers (all signalled first, so they exit together) and etcd."""
+    if gateway is not None:
+        gateway.stop()
+    for worker in workers:
+        worker.process.terminate()
+    for worker in workers:
+        worker.stop(5)
+    etcd.stop()
+
+
 def put_pool(etcd: str, pool: str, weight: float, drain: bool = False) -> None:
     """An operator's pool key (serving/registry.py), as `etcdctl put` would write it."""
     import asyncio

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.cluster import put_pool, start_etcd, start_gateway, start_sim_workers
+from tests.helpers.cluster import put_pool, start_etcd, start_gateway, start_sim_workers, stop_cluster
 
 
 def _pool_counts(url: str) -> dict[str, float]:
@@ -52,13 +52,7 @@ def cluster64():
             time.sleep(0.2)
         yield endpoint, workers, gateway
     finally:
-        if gateway is not None:
-            gateway.stop()
-        for worker in workers:
-            worker.process.terminate()
-        for worker in workers:
-            worker.stop(5)
-        etcd.stop()
+        stop_cluster(gateway, workers, etcd)
 
 
 def test_64_workers_register_and_pool_weights_split_traffic_3_to_1(cluster64):
