@@ -221,14 +221,14 @@ class Engine:
             * self.model.dtype.itemsize  # on one device: a tensor-parallel cache splits its heads
         budget = min(kv_memory.kv_cache_budget(m, utilization, workspace) for m in memories)
         memory = min(memories, key=lambda m: m.limit)
-        if utilization * memory.total > memory.limit:
+        if utilization > memory.fraction:
             log.warning("gpu_memory_utilization=%s: jax's pool holds %.2f GiB of the device's %.2f GiB (%s=%s); set it "
                         "before jax starts to grant more", utilization, memory.limit / 2**30, memory.total / 2**30,
                         kv_memory.POOL_FRACTION_VARIABLE, fraction)
         if budget < per_block:
             raise ValueError(
                 f"gpu_memory_utilization={utilization} leaves no room for the KV cache: of "
-                f"{min(utilization * memory.total, memory.limit) / 2**30:.2f} GiB, {memory.in_use / 2**30:.2f} GiB are "
+                f"{memory.granted(utilization) / 2**30:.2f} GiB, {memory.in_use / 2**30:.2f} GiB are "
                 f"in use (weights) and the largest step needs {workspace / 2**30:.2f} GiB; raise it, or lower "
                 f"max_num_batched_tokens")
         blocks = budget // per_block

@@ -32,8 +32,17 @@ class DeviceMemory:
     """Bytes jax's allocator may hold on the device (its pool)."""
     in_use: int
     """Bytes held now: the weights, adapter slots, anything else live."""
-    total: int
-    """The device's memory: the pool over the allocator's fraction."""
+    fraction: float
+    """The share of the device the pool is (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+
+    @property
+    def total(self) -> int:
+        """The device's memory: the pool over its fraction."""
+        return int(self.limit / self.fraction)
+
+    def granted(self, utilization: float) -> int:
+        """utilization x the device's memory, as far as the pool holds it."""
+        return self.limit if utilization >= self.fraction else int(self.limit * utilization / self.fraction)
 
 
 def pool_fraction(environ: Mapping[str, str] | None = None) -> float:
@@ -45,14 +54,12 @@ def device_memory(stats: Mapping[str, int] | None, fraction: float) -> DeviceMem
     """From one device's `memory_stats()`; None where the device reports no allocator pool."""
     if not stats or "bytes_limit" not in stats or "bytes_in_use" not in stats:
         return None
-    limit = int(stats["bytes_limit"])
-    return DeviceMemory(limit, int(stats["bytes_in_use"]), int(limit / fraction))
+    return DeviceMemory(int(stats["bytes_limit"]), int(stats["bytes_in_use"]), fraction)
 
 
 def kv_cache_budget(memory: DeviceMemory, utilization: float, workspace: int, headroom: int = HEADROOM_BYTES) -> int:
     """Bytes of one device's KV cache (negative when nothing is left)."""
-    granted = min(int(utilization * memory.total), memory.limit)
-    return granted - memory.in_use - workspace - headroom
+    return memory.granted(utilization) - memory.in_use - workspace - headroom
 
 
 def apply_pool_fraction(utilization: float, environ: MutableMapping[str, str] | None = None) -> None:

@@ -43,6 +43,10 @@ def _per_device_bytes(x: jax.Array) -> int:
     return x.addressable_shards[0].data.nbytes
 
 
+def _fields(adjustments: LogitAdjustments) -> tuple[jax.Array, ...]:
+    return tuple(getattr(adjustments, f.name) for f in dataclasses.fields(adjustments))
+
+
 def _step(
     graphdef: nnx.GraphDef,
     state_def,  # treedef of the model state
@@ -50,7 +54,7 @@ def _step(
     kv_cache: KVCache,
     packed: Int[Array, " size"],
     previous_tokens: Int[Array, " max_rows"],
-    adjustments: LogitAdjustments | None,
+    adjustments: tuple[Array, ...] | None,  # LogitAdjustments' fields, in order
     lora_stacks: LoraStacks | None,
     prompt_targets: Int[Array, " tokens"] | None,
     *,
@@ -82,7 +86,8 @@ def _step(
         all_logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, every, lora)
         logits = all_logits[f["logits_indices"]]  # the very logits the sampler sees
         prompt = prompt_logprobs(all_logits, prompt_targets, summary_impl)
-    sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
+    adjust = None if adjustments is None else LogitAdjustments(*adjustments)
+    sampled = sample_tokens(logits, sampling, adjust, summary_impl)
     next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
     return sampled, next_tokens, kv_cache, prompt
 
@@ -157,13 +162,14 @@ class Runner:
         self.kv_cache = self.model.allocate_kv_cache(num_blocks, self.block_size)
 
     def lower_step(self, bucket: int, adjust: bool = False, lora: bool = False, prompt: bool = False,
-                   kv_cache=None) -> jax.stages.Lowered:
+                   kv_cache=None, platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
         """The step program of one variant, lowered for an all-padding batch (nothing runs).
-        `kv_cache`: arrays or jax.ShapeDtypeStruct leaves; default the runner's own."""
+        `kv_cache`: arrays or jax.ShapeDtypeStruct leaves, default the runner's own; `platforms`:
+        lower for others than the model's devices (("cuda",) on a CPU: the GPU program's StableHLO)."""
         args, layout = self._step_args(SchedulerOutput(), bucket, adjust, None, lora, prompt)
         if kv_cache is not None:
             args = (args[0], kv_cache, *args[2:])
-        return self._jitted_step.lower(*args, layout=layout)
+        return self._jitted_step.trace(*args, layout=layout).lower(lowering_platforms=platforms)
 
     def workspace_bytes(self) -> int | None:
         """Device memory the largest step needs beyond the weights and the KV cache, per device:
@@ -375,7 +381,9 @@ class Runner:
             f["top_p"][row], f["top_k"][row], f["min_p"][row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
             f["seeds"][row], f["sample_positions"][row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
-        adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
+        # A tuple, not the dataclass: jax's AOT stages (lower_step) rebuild argument pytrees
+        # with placeholders, which the dataclass's shape-checked constructor refuses in tests.
+        adjustments = _fields(self._adjustments(out, buffers.layout.rows)) if adjust else None
         targets = self._prompt_targets(out, bucket) if prompt else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
         lora_stacks = None
