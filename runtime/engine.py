@@ -112,6 +112,8 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.plan: ExecutionPlan = choose_plan(config, model.cfg, model.dtype, model.mesh)
         log.info("execution plan: %s", self.plan)
+        # A model in the checkpoint layout is laid out here, and its arrays stay on the device until
+        # the caller lets go, after the KV cache was sized: `served_layout` first frees them sooner.
         self.model, self.tokenizer = lay_out(model, self.plan.weights), tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         if config.max_loras and model.mesh.size > 1:
@@ -157,13 +159,21 @@ class Engine:
         """`devices`: where the model runs (default: jax's default backend's); the CPU fallback
         (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
+        model = cls.served_layout(model, config)
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
         engine.model_dir = str(model_dir)
         return engine
+
+    @staticmethod
+    def served_layout(model: LoadedModel, config: EngineConfig) -> LoadedModel:
+        """`model` laid out as the engine would serve it. Laid out before the engine is made, the
+        caller can drop the checkpoint layout's arrays (`model = Engine.served_layout(model, c)`)
+        before the KV cache is sized from the device's free memory."""
+        return lay_out(model, choose_plan(config, model.cfg, model.dtype, model.mesh).weights)
 
     def _open_kv_tiers(self, config: EngineConfig, model: LoadedModel) -> KvTiers | None:
         """The tiers below the device, their blocks re-advertised as KV events. Their digest covers
