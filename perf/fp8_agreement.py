@@ -1,6 +1,6 @@
 """FP8 weights against the unquantized model: top-1 agreement and logit error, teacher-forced.
 
-    python perf/fp8_agreement.py [--model models/demo] [--dtype float32] [--out perf/results/fp8_agreement_cpu.md]
+    python perf/fp8_agreement.py [--model models/demo] [--dtypes float32,bfloat16] [--out perf/results/fp8_agreement_cpu.md]
 
 Both models score the same token windows with the serving modules' causal forward
 (`models/forward.py` `sequence_logits`, no KV cache): at every position, does the FP8 model's
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,31 +85,34 @@ def agreement(reference: LoadedModel, quantized: LoadedModel, tokens: np.ndarray
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/demo")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="reference dtypes, comma-separated")
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    import os
+
     import jax
 
-    reference = load_model(args.model, args.dtype)
-    started = time.perf_counter()
-    quantized = lay_out(reference, FP8_LAYOUT)
-    quantize_s = time.perf_counter() - started
-    r = agreement(reference, quantized, text_windows(args.model, args.length, args.count))
-    weights = {name: sum(x.nbytes for x in jax.tree.leaves(m.state)) for name, m in (("ref", reference), ("fp8", quantized))}
-    lines = [
-        f"model {args.model} ({args.dtype} reference), {jax.devices()[0].platform} "
-        f"({platform.machine()}, {platform.processor() or 'cpu'}), jax {jax.__version__}",
-        f"weights: {weights['ref']:,} bytes -> {weights['fp8']:,} bytes with fp8 layers (quantized in {quantize_s:.2f} s)",
-        f"{r['positions']} positions ({args.count} windows of {args.length} tokens of perf/fp8_agreement.py TEXT): "
-        f"top-1 agreement {r['top1_agreement']:.2%}, max |logit error| {r['max_abs_logit_error']:.4f}, "
-        f"mean {r['mean_abs_logit_error']:.4f}, max relative to the largest logit {r['max_rel_logit_error']:.4f}",
-    ]
+    lines = [f"# FP8 weights against the unquantized model ({args.model})", "",
+             f"`python perf/fp8_agreement.py --out {args.out}`: {jax.devices()[0].platform} ({platform.machine()}, "
+             f"{os.cpu_count()} threads, load average {os.getloadavg()[0]:.2f}), jax {jax.__version__}. "
+             f"Teacher-forced over {args.count * args.length} positions ({args.count} windows of {args.length} "
+             "tokens of the script's English TEXT); fp8: e4m3 weights with a scale per output channel, activations "
+             "per token (models/fp8.py); embedding and head unquantized.", "",
+             "| reference | weights | fp8 weights | top-1 agreement | max abs logit error | mean | max / largest logit |",
+             "|---|---|---|---|---|---|---|"]
+    for dtype in args.dtypes.split(","):
+        reference = load_model(args.model, dtype)
+        quantized = lay_out(reference, FP8_LAYOUT)
+        r = agreement(reference, quantized, text_windows(args.model, args.length, args.count))
+        ref_bytes, fp8_bytes = (sum(x.nbytes for x in jax.tree.leaves(m.state)) for m in (reference, quantized))
+        lines.append(f"| {dtype} | {ref_bytes:,} B | {fp8_bytes:,} B | {r['top1_agreement']:.2%} "
+                     f"({round(r['top1_agreement'] * r['positions'])}/{r['positions']}) | {r['max_abs_logit_error']:.4f} | "
+                     f"{r['mean_abs_logit_error']:.4f} | {r['max_rel_logit_error']:.4f} |")
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()
