@@ -21,9 +21,11 @@ import argparse
 import functools
 import gc
 import json
+import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -134,12 +136,21 @@ def bench_tessera(args, raw: dict) -> dict:
         engine.config.async_scheduling = True
     preempted = engine.scheduler.num_preemptions
     marks = run(prompts(args.concurrent, PROMPT, 8, vocab), SamplingParams(max_tokens=args.new, **greedy))
+    extra["memory_stats"] = jax.devices()[0].memory_stats()  # peak against the pool: the fraction held
+    extra["step_custom_calls"] = step_custom_calls(engine, args.concurrent)
     return dict(
         extra, system="tessera", attention=engine.plan.attention, plan=engine.plan.labels(), warm_up_s=warm_s,
         param_bytes=param_bytes, decode_weight_bytes=param_bytes - embedding, ttft_s=ttft, decode_tps=decode_tps,
         copy_gbs=copy_gbs, kv_pages=engine.blocks.num_blocks,
         concurrent_tps=args.concurrent * args.new / marks[-1], concurrent_preemptions=engine.scheduler.num_preemptions - preempted,
     )
+
+
+def step_custom_calls(engine, bucket: int) -> dict[str, int]:
+    """Custom calls of the compiled decode step of `bucket` tokens, by target: which GEMMs XLA chose
+    (cuBLAS' FP8 matmul for fp8 weights on Hopper, `__cublas$lt$matmul$f8`) and the attention kernel."""
+    hlo = engine.runner.lower_step(bucket).compile().as_text()
+    return dict(Counter(re.findall(r'custom_call_target="([^"]+)"', hlo)))
 
 
 # -- transformers ------------------------------------------------------------------------------

@@ -126,6 +126,14 @@ def _shape_notes(shape: str, ours: dict | None, fp8: dict | None, peer: dict | N
     if ours and "decode_tps_series" in ours:
         out.append(f"- {shape}: batch-1 decode overlapped {ours['decode_tps']:.1f} tok/s, steps in series "
                    f"{ours['decode_tps_series']:.1f} tok/s ({ours['decode_tps'] / ours['decode_tps_series']:.2f}x)")
+    for r in (ours, fp8):
+        if r and r.get("step_custom_calls") is not None:
+            calls = ", ".join(f"{t} x{n}" for t, n in sorted(r["step_custom_calls"].items())) or "none"
+            out.append(f"- {shape}: {_weights(r)} decode step's custom calls (GEMMs, kernels): {calls}")
+        stats = (r or {}).get("memory_stats") or {}
+        if stats.get("bytes_limit"):
+            out.append(f"- {shape}: {_weights(r)} device memory: peak {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB "
+                       f"of jax's pool {stats['bytes_limit'] / 2**30:.1f} GiB; {r['kv_pages']} KV pages")
     if ours and ours.get("concurrent_preemptions"):
         out.append(f"- {shape}: {ours['concurrent_preemptions']} preemptions in the concurrent run (KV cache short)")
     if fp8 and "fp8_agreement" in fp8:

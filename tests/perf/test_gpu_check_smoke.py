@@ -44,6 +44,8 @@ def test_the_smoke_run_serves_bf16_fp8_and_transformers_and_prints_the_table(smo
     for r in (plain, fp8, peer):
         assert len(r["ttft_s"]) == 3 and (r["concurrent"], r["new_tokens"], r["long_prompt"]) == (4, 8, 64)
     assert plain["copy_gbs"] > 0 and plain["kv_pages"] > 0 and "decode_tps_series" in plain
+    assert plain["memory_stats"] is None  # the CPU reports none: the explicit KV size (--kv-gib) stood
+    assert "decode_tps_series" not in fp8 and fp8["step_custom_calls"].keys() <= plain["step_custom_calls"].keys()
     a = fp8["fp8_agreement"]
     assert a["positions"] == 2 * 32 and 0.5 <= a["top1_agreement"] <= 1 and 0 < a["mean_abs_logit_error"] < 1
     table = (out / "gpu_check.md").read_text()
