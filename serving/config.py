@@ -65,7 +65,8 @@ class ServerConfig:
         0.9, "fraction of the device's memory for weights, activations and KV cache (vLLM's meaning): on a "
              "device that reports its memory (GPUs) the KV cache takes what is left after the weights and the "
              "largest step's workspace, and jax's pool is set to this fraction (XLA_PYTHON_CLIENT_MEM_FRACTION, "
-             "unless set); the CPU keeps kv_cache_memory_gib's size")
+             "unless set); the CPU keeps kv_cache_memory_gib's size. A hot reload needs room for a second "
+             "copy of the weights: lower it for that")
     kv_cache_memory_gib: float | None = _setting(
         None, "memory for the KV cache, GiB, on any device (ignored when num_blocks is set); default: by "
               "gpu_memory_utilization where the device reports its memory, else 2")
