@@ -54,6 +54,7 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     from runtime.async_engine import AsyncEngine
     from runtime.compile_cache import enable_compilation_cache
     from runtime.engine import Engine
+    from serving.adapter_source import adapter_folder
 
     check_trust(config, model_dir)
     enable_compilation_cache(config.compilation_cache_dir)
@@ -65,8 +66,8 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
         engine_config.kv_tiers = KvTierConfig(config.kv_disk_dir, model_digest(model_dir),
                                               int(config.kv_host_gib * 2**30), int(config.kv_disk_gib * 2**30))
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
-    for adapter, path in config.lora_module_paths().items():
-        engine.adapters.load(adapter, path)  # a refused adapter stops start-up (AdapterError), naming it
+    for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
+        engine.adapters.load(adapter, adapter_folder(config, adapter, path))
     if config.warm_up:
         engine.warm_up()
     name = served_name(config, model_dir)
