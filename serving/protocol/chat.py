@@ -132,7 +132,7 @@ class ChatCompletionResponse(Struct):
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
-    """vLLM's, when asked for: the rendered prompt's tokens (not streamed)."""
+    """vLLM's, when asked for: the rendered prompt's tokens (streamed: on one chunk)."""
 
 
 class ChatDelta(Struct, omit_defaults=True):
@@ -156,3 +156,10 @@ class ChatCompletionChunk(Struct):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+
+
+class ChatCompletionPromptChunk(ChatCompletionChunk, kw_only=True):
+    """The one chunk of a stream that carries vLLM's `prompt_logprobs` (the first one after the
+    prompt is computed), so that the other chunks do not each carry a null field."""
+
+    prompt_logprobs: list[dict[str, PromptLogprob] | None]

@@ -1,9 +1,9 @@
-"""POST /v1/responses: OpenAI's Responses API (the request; the response is built as a dict in
+"""/v1/responses: OpenAI's Responses API (the request and the deletion; the response is built as a dict in
 serving/routes/responses.py, in the shape the openai client reads)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
@@ -62,3 +62,11 @@ class ResponsesRequest(RequestBody, kw_only=True):
         if self.include:
             found.append(("include", "include is not supported: no extra output data is offered"))
         return found
+
+
+class ResponseDeleted(Struct):
+    """DELETE /v1/responses/{id}'s answer, as OpenAI's."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
