@@ -1,8 +1,9 @@
 """lm-eval 0.4's `local-completions` against `tessera serve`, end to end: a multiple-choice task
 and a loglikelihood_rolling (perplexity) task from local YAML and JSONL files, nothing from a hub.
 
-lm-eval runs as its own CLI in a subprocess, as a user would run it, with the checkpoint's
-folder as its Hugging Face tokenizer (it needs one to find where the context ends; the
+lm-eval runs in a subprocess through its Python API (`simple_evaluate`, what its CLI calls; the CLI
+itself only adds a printed table, whose writer is not installed: pytablewriter pulls in an LGPL
+package, see BUILD_NOTES.md), with the checkpoint's folder as its Hugging Face tokenizer (it needs one to find where the context ends; the
 requests go out as token ids, several prompts per request). Every number it reports is
 checked against the same quantity computed here from transformers' float32 log-probs of the
 same checkpoint: each choice's log-likelihood, the accuracies, each document's rolling
@@ -11,7 +12,6 @@ log-likelihood and the perplexities.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -48,6 +48,19 @@ DOCUMENTS = [
     "A tokenizer splits text into pieces that the model has seen during training. Rare words are "
     "broken into several smaller pieces, and every byte has a token of its own.",
 ]
+
+LM_EVAL_DRIVER = """
+import json
+import lm_eval
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import handle_non_serializable
+
+ran = lm_eval.simple_evaluate(model="local-completions", model_args="{model_args}",
+                              tasks=["tessera_mc", "tessera_ppl"], task_manager=TaskManager(include_path="{tasks}"),
+                              batch_size=4, log_samples=True)
+with open("{out}", "w") as f:
+    json.dump({{"results": ran["results"], "samples": ran["samples"]}}, f, default=handle_non_serializable)
+"""
 
 MC_TASK = """\
 task: tessera_mc
@@ -101,7 +114,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def lm_eval_run(server, model_dir, tmp_path_factory) -> tuple[dict, dict[str, list[dict]]]:
-    """lm-eval's CLI over both tasks: (its results JSON, its logged samples per task)."""
+    """lm-eval over both tasks: (its results, its samples per task)."""
     root = tmp_path_factory.mktemp("lm_eval")
     tasks = root / "tasks"
     tasks.mkdir()
@@ -111,20 +124,16 @@ def lm_eval_run(server, model_dir, tmp_path_factory) -> tuple[dict, dict[str, li
     (tasks / "ppl.yaml").write_text(PPL_TASK.format(data=tasks / "ppl.jsonl"))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"),
            "TOKENIZERS_PARALLELISM": "false"}
-    model_args = [f"base_url={server}/v1/completions", f"model={SERVED}", "tokenizer_backend=huggingface",
-                  f"tokenizer={model_dir}", f"max_length={MAX_MODEL_LEN}", "max_retries=1"]
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", *model_args,
-               "--tasks", "tessera_mc", "tessera_ppl", "--include_path", str(tasks), "--batch_size", "4",
-               "--output_path", str(root / "out"), "--log_samples"]
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    model_args = ",".join([f"base_url={server}/v1/completions", f"model={SERVED}", "tokenizer_backend=huggingface",
+                           f"tokenizer={model_dir}", f"max_length={MAX_MODEL_LEN}", "max_retries=1"])
+    out = root / "out.json"
+    driver = LM_EVAL_DRIVER.format(model_args=model_args, tasks=str(tasks), out=str(out))
+    done = subprocess.run([sys.executable, "-c", driver], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    (results_file,) = glob.glob(str(root / "out" / SERVED / "results_*.json"))
-    samples = {}
-    for task in ("tessera_mc", "tessera_ppl"):
-        (path,) = glob.glob(str(root / "out" / SERVED / f"samples_{task}_*.jsonl"))
-        samples[task] = sorted((json.loads(line) for line in Path(path).read_text().splitlines()),
-                               key=lambda s: s["doc_id"])
-    return json.loads(Path(results_file).read_text())["results"], samples
+    ran = json.loads(out.read_text())
+    samples = {task: sorted(ran["samples"][task], key=lambda s: s["doc_id"]) for task in ("tessera_mc", "tessera_ppl")}
+    return ran["results"], samples
 
 
 @pytest.fixture(scope="module")
