@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import lora
 from models.lora import AdapterError
 from runtime.adapters import AdapterNotFound
 from runtime.config import EngineConfig
@@ -67,10 +68,19 @@ def expected(adapters):
     return answers
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["series", "overlapped"])
-def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, overlap):
+@pytest.mark.parametrize("overlap, kernel, max_rank", [
+    (False, "xla", 8), (True, "xla", 8),
+    # the Pallas kernels (kernels/lora_bgmv.py) in the interpreter: rank 8 takes the per-token
+    # BGMV form; rank 16 with the 32-token bucket the 16-token SGMV form
+    (False, "pallas_interpret", 8), (False, "pallas_interpret", 16),
+], ids=["series", "overlapped", "bgmv-interpreted", "sgmv-interpreted"])
+def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, overlap, kernel, max_rank,
+                                                           monkeypatch):
     folder, paths = adapters
-    engine = _engine(folder, async_scheduling=overlap)
+    if kernel != "xla":  # the kernels, not the XLA product, must be what runs
+        monkeypatch.setattr(lora, "lora_delta", lambda *a: pytest.fail("the XLA LoRA product ran"))
+    engine = _engine(folder, async_scheduling=overlap, lora_kernel=kernel, max_lora_rank=max_rank)
+    assert engine.plan.lora == kernel
     for name, path in paths.items():
         engine.adapters.load(name, path)
     for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
