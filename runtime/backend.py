@@ -95,15 +95,20 @@ def resolve_linear(requested: str | None, cfg: ModelConfig, dtype, platform: str
     return requested
 
 
-def resolve_lora_kernel(requested: str | None, cfg: ModelConfig, max_rank: int, dtype, platform: str) -> str:
-    """The LoRA product: the Pallas kernels on a GPU when every target's shapes suit them
-    (otherwise XLA's masked product, which serves any shape), XLA elsewhere."""
+def resolve_lora_kernel(requested: str | None, cfg: ModelConfig, max_rank: int, dtype, platform: str,
+                        tensor_parallel: int = 1) -> str:
+    """The LoRA product: the Pallas kernels on one GPU when every target's shapes suit them
+    (otherwise XLA's masked product, which serves any shape), XLA elsewhere. On a mesh XLA
+    splits the product with the weights; the kernels are not run per device (a gap)."""
     if requested is not None and requested not in LORA_KERNELS:
         raise BackendError(f"LoRA kernel {requested!r} is unknown; choose one of {', '.join(LORA_KERNELS)}")
     if requested == "pallas" and platform != "gpu":
         raise BackendError(f"LoRA kernel 'pallas' needs a CUDA GPU, but jax's backend here is {platform!r}; use 'xla' "
                            f"(or 'pallas_interpret' to run the kernels slowly in the interpreter)")
-    choice = requested or ("pallas" if platform == "gpu" else "xla")
+    if requested is not None and requested != "xla" and tensor_parallel > 1:
+        raise BackendError(f"LoRA kernel {requested!r} runs on one device; with tensor parallel {tensor_parallel} "
+                           f"use 'xla'")
+    choice = requested or ("pallas" if platform == "gpu" and tensor_parallel == 1 else "xla")
     if choice.startswith("pallas"):
         try:
             for fan_in, fan_out in target_shapes(cfg).values():

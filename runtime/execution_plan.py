@@ -59,6 +59,6 @@ def choose_plan(config: EngineConfig, cfg: ModelConfig, dtype, mesh: Mesh) -> Ex
     # mesh they stay apart, split by heads and MLP columns.
     weights = WeightLayout(linear, fused=devices == 1)
     sampling = "cpu" if platform == "cpu" and devices == 1 and cpu_kernels_available() else "xla"
-    lora = (resolve_lora_kernel(config.lora_kernel, cfg, config.max_lora_rank, dtype, platform)
+    lora = (resolve_lora_kernel(config.lora_kernel, cfg, config.max_lora_rank, dtype, platform, devices)
             if config.max_loras else None)
     return ExecutionPlan(platform, devices, jnp.dtype(dtype).name, attention, weights, sampling, lora)

@@ -125,3 +125,8 @@ def test_lora_products_take_the_kernels_on_gpus_that_suit_them(checkpoint, cfg):
         choose_plan(EngineConfig(lora_kernel="pallas", **lora), cfg, "float32", make_mesh(1))
     forced = EngineConfig(lora_kernel="pallas_interpret", **lora)
     assert choose_plan(forced, cfg, "float32", make_mesh(1)).lora == "pallas_interpret"
+    # on a mesh XLA splits the product with the weights; the kernels run on one device only
+    gpus = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * 2), size=2)
+    assert choose_plan(EngineConfig(**lora), head64, "bfloat16", gpus).lora == "xla"
+    with pytest.raises(BackendError, match="LoRA kernel 'pallas_interpret' runs on one device; with tensor parallel 2"):
+        choose_plan(forced, cfg, "float32", make_mesh(2))

@@ -89,6 +89,23 @@ def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, o
     assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
 
 
+def test_tensor_parallel_serves_the_same_tokens_as_peft(adapters, expected):
+    # Two CPU devices: the weights split by heads and MLP columns, the adapter stacks
+    # replicated, the products split by XLA with the weights they add to.
+    folder, paths = adapters
+    engine = Engine.from_model_dir(folder, tensor_parallel=2, config=EngineConfig(
+        block_size=4, max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(32,), num_blocks=64, max_loras=2,
+        max_lora_rank=8))
+    assert (engine.model.mesh.size, engine.plan.lora) == (2, "xla")
+    for name, path in paths.items():
+        engine.adapters.load(name, path)
+    for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
+        engine.add_request(p, SamplingParams(max_tokens=10, **GREEDY), request_id=f"r{i}", adapter=a or "")
+    done = engine.run_to_completion()
+    assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
+    assert len(engine.adapters.stacks["q_proj"]["a"].sharding.device_set) == 2
+
+
 def test_slots_evict_by_lru_and_loading_never_compiles(adapters):
     folder, paths = adapters
     engine = _engine(folder, max_loras=1)
