@@ -84,7 +84,7 @@ class ServerConfig:
     lora_kernel: str | None = _setting(
         None, "LoRA products: pallas (the gathered BGMV/SGMV kernels, GPUs), xla (any device) or pallas_interpret "
               "(the kernels interpreted, slow); default: pallas on GPUs when the model's widths are multiples of 16 "
-              "and --max-lora-rank a power of two, else xla")
+              "and the max LoRA rank a power of two, else xla")
     lora_modules: str | None = _setting(None, "adapters to load at start-up, e.g. 'sql=/adapters/sql,chat=/a/chat'")
     reload_drain_timeout_s: float = _setting(120.0, "model reload: seconds to wait for running requests to finish "
                                                     "before switching (the old model keeps serving past it)")
