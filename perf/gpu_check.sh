@@ -3,6 +3,9 @@
 # torch and transformers, and no network. Under 8 minutes end to end:
 #   1. the attention kernel compiled on the GPU against dense attention, and timed against
 #      jax's own paged_attention and the XLA reference (perf/gpu_kernel_check.py);
+#   1b. the LoRA kernels (BGMV/SGMV) compiled on the GPU against the XLA product, and timed
+#      against it (perf/gpu_lora_check.py; 30 s, so the phases' limits sum to 480 s; it saves
+#      after every case, so a timeout keeps what it measured);
 #   2. Tessera and transformers (bf16, sdpa) serving random checkpoints with Llama-3.2-1B's and
 #      Llama-3.1-8B's shapes: TTFT P50/P99 at 2,048 tokens, batch-1 decode and its share of the
 #      HBM roofline, 64 concurrent requests (perf/gpu_serve_bench.py);
@@ -38,9 +41,9 @@ phase() {  # phase NAME SECONDS CMD...: a step that may fail or time out without
 }
 
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
-  KERNEL=(--smoke); SHAPES=(tiny); SERVE=(--dtype float32 --long-prompt 64 --new 8 --concurrent 4 --ttft-runs 3 --kv-gib 0.01)
+  KERNEL=(--smoke); LORA_LIMIT=300; SHAPES=(tiny); SERVE=(--dtype float32 --long-prompt 64 --new 8 --concurrent 4 --ttft-runs 3 --kv-gib 0.01)
 else
-  KERNEL=(); SHAPES=(llama-3.2-1b llama-3.1-8b); SERVE=()
+  KERNEL=(); LORA_LIMIT=30; SHAPES=(llama-3.2-1b llama-3.1-8b); SERVE=()
 fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>/dev/null || true
   "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
@@ -50,6 +53,7 @@ if ! grep -q '"kernel_ok": true' "$OUT_DIR/kernel.json" 2>/dev/null; then
   echo "the kernel check failed: serving on the XLA reference attention instead" | tee -a "$LOG"
   SERVE+=(--attention reference)
 fi
+phase lora-kernel "$LORA_LIMIT" "$PY" perf/gpu_lora_check.py --out "$OUT_DIR/lora.json" "${KERNEL[@]}"
 limits_tessera=(80 110); limits_hf=(60 70)
 for i in "${!SHAPES[@]}"; do
   shape=${SHAPES[$i]}

@@ -46,6 +46,26 @@ def kernel_section(k: dict | None) -> list[str]:
     return out
 
 
+def lora_section(k: dict | None) -> list[str]:
+    if k is None:
+        return ["", "LoRA kernels: no result (they failed or ran out of time; see the log)"]
+    rows = k["correctness"]
+    worst = {d: max((r.get("rel_err", float("inf")) for r in rows if r["dtype"] == d), default=None)
+             for d in ("float32", "bfloat16")}
+    how = "interpreted" if k.get("interpret") else "compiled"
+    out = ["", f"LoRA kernels (BGMV/SGMV, {how}): {sum(r['ok'] for r in rows)}/{len(rows)} cases match the XLA "
+               f"product; worst relative error float32 {worst['float32']:.2e}, bfloat16 {worst['bfloat16']:.2e}",
+           "", "| LoRA workload (bf16, rank 16, 4096 -> 14336) | kernels | GB/s | XLA masked product | kernels vs XLA |",
+           "|---|---|---|---|---|"]
+    for t in k.get("timings", []):
+        if "error" in t:
+            out.append(f"| {t['workload']} | error: {t['error'][:80]} | | | |")
+            continue
+        out.append(f"| {t['workload']} | {t['kernel_s'] * 1e6:.1f} us | {t['bytes'] / t['kernel_s'] / 1e9:.0f} | "
+                   f"{t['xla_s'] * 1e6:.1f} us | {t['xla_s'] / t['kernel_s']:.2f}x |")
+    return out
+
+
 def serving_section(folder: Path) -> list[str]:
     out = ["", "| model (bf16) | system | attention | TTFT 2k P50 | TTFT 2k P99 | batch-1 decode | HBM roofline share | "
            "64 concurrent | per stream |", "|---|---|---|---|---|---|---|---|---|"]
@@ -84,7 +104,8 @@ def serving_section(folder: Path) -> list[str]:
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    print("\n".join(kernel_section(_load(folder, "kernel.json")) + serving_section(folder)))
+    print("\n".join(kernel_section(_load(folder, "kernel.json")) + lora_section(_load(folder, "lora.json"))
+                    + serving_section(folder)))
 
 
 if __name__ == "__main__":

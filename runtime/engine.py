@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import generation_defaults
 from models.loader import LoadedModel, lay_out, load_model
@@ -116,9 +117,10 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.blocks)
         self.scheduler.admission_gate = self._may_start
-        if config.max_loras and model.mesh.size > 1:
-            raise ValueError("LoRA adapters are served on one device only (max_loras with tensor_parallel > 1)")
-        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype)
+        # With tensor parallelism the stacks are replicated: XLA splits the products as it
+        # splits the weights they add to (runtime/backend.py keeps the kernels to one device).
+        replicated = NamedSharding(model.mesh, PartitionSpec()) if model.mesh.size > 1 else None
+        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype, replicated)
                          if config.max_loras else None)
         self.runner = Runner(
             self.model, self.plan, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,

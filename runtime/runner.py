@@ -55,6 +55,7 @@ def _step(
     attention: str,
     attention_mesh,
     summary_impl: str,
+    lora_kernel: str | None,
 ) -> tuple[SampledTokens, Int[Array, " max_rows"], KVCache, PromptLogprobs | None]:
     """One step on the device. Tokens marked in `from_previous` are read from the previous
     step's drawn tokens (still on the device: overlapped scheduling); the drawn tokens come back
@@ -68,7 +69,7 @@ def _step(
                            backend=attention, mesh=attention_mesh)
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
-    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
+    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks, lora_kernel)
     prompt = None
     if prompt_targets is None:
         logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
@@ -128,6 +129,7 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
+        self._lora_kernel = plan.lora
         # (bucket, adjust, lora, prompt) programs compiled and run: re-run after a fault
         self._warmed: list[tuple[int, bool, bool, bool]] = []
         self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
@@ -139,7 +141,7 @@ class Runner:
     def _jit_step(self):
         step = partial(_step, self.model.graphdef, self._state_def, max_rows=self.max_num_seqs,
                        attention=self.attention_backend, attention_mesh=self.attention_mesh,
-                       summary_impl=self._summary_impl)
+                       summary_impl=self._summary_impl, lora_kernel=self._lora_kernel)
         return jax.jit(step, static_argnames=("layout",), donate_argnames=("kv_cache",))
 
     def bucket_for(self, num_tokens: int) -> int:

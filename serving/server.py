@@ -92,7 +92,7 @@ def with_cpu_fallback(primary: EngineClient, platform: str, backend: str, config
         from runtime.engine import Engine
 
         engine_config = config.engine_config()  # no KV tiers: their folder belongs to the primary
-        engine_config.attention_backend = engine_config.linear = None  # the CPU's own choices
+        engine_config.attention_backend = engine_config.linear = engine_config.lora_kernel = None  # the CPU's own choices
         engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, devices=jax.devices("cpu"))
         if config.warm_up:
             engine.warm_up()
