@@ -102,7 +102,7 @@ def _expand(counts, num_entries: int, xp):
     e is one of the sum(counts) real entries."""
     ends = xp.cumsum(counts)
     e = xp.arange(num_entries)
-    owner = xp.clip(xp.searchsorted(ends, e, side="right"), 0, counts.shape[0] - 1)
+    owner = xp.minimum(xp.searchsorted(ends, e, side="right"), counts.shape[0] - 1)
     return owner, e - (ends - counts)[owner], e < ends[-1], ends - counts
 
 
@@ -126,7 +126,8 @@ def _decode_entries(plan: WorkPlan, qsl, ctx, xp):
     num_blocks = _cdiv(xp.where(live, ctx, 0), plan.block_keys)
     num_decodes = xp.sum(live & (ctx > 0))
     num_padding = xp.sum(live) - num_decodes
-    per_decode = xp.clip((plan.decode_entries - num_padding) // xp.maximum(num_decodes, 1), 1, MAX_SPLITS)
+    room = (plan.decode_entries - num_padding) // xp.maximum(num_decodes, 1)
+    per_decode = xp.maximum(xp.minimum(room, MAX_SPLITS), 1)
     splits = xp.where(live, xp.maximum(xp.minimum(per_decode, num_blocks), 1), 0)
     owner, index, real, first = _expand(splits, plan.decode_entries, xp)
     n, blocks = splits[owner], num_blocks[owner]
@@ -151,7 +152,7 @@ def _chunk_entries(plan: WorkPlan, qsl, ctx, xp):
     first = unit_first[owner] + index * bq
     end = xp.minimum(first + bq, unit_end[owner])
     offset = unit_ctx[owner] - unit_end[owner]
-    key_stop = _cdiv(xp.clip(xp.minimum(unit_ctx[owner], end + offset), 0, None), plan.block_keys)
+    key_stop = _cdiv(xp.maximum(xp.minimum(unit_ctx[owner], end + offset), 0), plan.block_keys)
     zero = xp.zeros_like(first)
     cols = [xp.minimum(owner, num_seqs - 1), first, end, offset, zero, key_stop, zero, zero]
     return xp.where(real[:, None], xp.stack(cols, axis=1), 0).astype(xp.int32)
