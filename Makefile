@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Reinstall whenever the lock or pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-nodeps.lock pyproject.toml | sha1sum | cut -c1-12)
 
 .PHONY: install test serve clean cxx
 
@@ -16,12 +16,14 @@ cxx:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; } || \
 		echo "g++ not installed: CPU attention falls back to the jnp reference"
 
-# Exactly the versions in requirements.lock (hash-checked), then Tessera itself without
-# resolving again, so a fresh machine gets what the suite last passed with.
-$(STAMP): requirements.lock pyproject.toml
+# Exactly the versions in requirements.lock (hash-checked), then the packages taken without
+# their declared dependencies (requirements-nodeps.lock, hash-checked: lm-eval), then Tessera
+# itself without resolving again, so a fresh machine gets what the suite last passed with.
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-nodeps.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@

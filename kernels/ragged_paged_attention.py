@@ -1,29 +1,42 @@
-"""Ragged paged attention as a Pallas kernel, lowered through Triton for NVIDIA GPUs.
+"""Ragged paged attention as Pallas kernels, lowered through Triton for NVIDIA GPUs.
 
 Same arguments and result as `ragged_paged_attention_ref` (the pure-jnp reference in
-`ragged_paged_attention_ref.py`, which the CPU backend runs): sequence s brings
-q_len[s] = query_start_loc[s+1] - query_start_loc[s] new tokens, already written into its
-pages, and attends causally to its first context_lens[s] cached tokens.
+`ragged_paged_attention_ref.py`): sequence s brings q_len[s] = query_start_loc[s+1] -
+query_start_loc[s] new tokens, already written into its pages, and attends causally to its
+first context_lens[s] cached tokens; tokens past query_start_loc[-1] are padding and get 0.
+One more, optional, argument: the step's work table (`kernels/attention_work.py`), which
+the runner builds once per step on the host and every layer shares; without it the kernel
+builds the same table in XLA.
 
-Shape of the work. A *work item* is one sequence's run of up to `block_q` consecutive query
-tokens; the grid is (kv_heads, work items). A program takes the `block_q * group` query
-rows that share one KV head (the row r is token r // group, head r % group of the group),
-walks the sequence's pages `pages_per_block` at a time through its block table, and keeps an
-online softmax in registers. Every program writes its own slab of the output, so no two
-programs ever write the same bytes and no store needs a mask; a gather in XLA puts the
-rows back in token order. Work items are computed in XLA from query_start_loc: the grid
-has a fixed size per shape bucket (seqs + ceil(tokens / block_q)), and items past the
-batch's real count run no loop iterations.
+Two passes, each one pallas_call over a (KV heads, table entries) grid:
+1. decode pass, over the decode entries: a program takes one query token's `group` heads
+   of one KV head (padded to 16 rows, the smallest tensor-core tile) and walks its entry's
+   range of key blocks. A token whose context was split over several entries (a step with
+   few decodes, so that every multiprocessor has work) writes float32 partial sums with
+   their softmax max and sum; an unsplit one writes its rows straight into the output.
+2. second pass: the chunk entries, each up to `block_q` tokens of one sequence as 64 rows
+   (token-major, heads of the group within), so a chunk's queries share every page read;
+   the padding entries, which write zeros; then one program per split token, which merges
+   its partials and writes its rows. A one-token step (and a caller that promises only
+   decodes, `decode_only`) has no chunk entries and this pass only merges.
+Outputs go straight to their rows of the [tokens * heads, head_dim] result with masked
+stores (the row of token t, head h*group + g is t*heads + h*group + g), so the query is only
+reshaped, never transposed or padded, and nothing is gathered afterwards. Every row is
+written by exactly one program. The result buffer is aliased from pass to pass.
 
-Decode-only steps (tokens <= seqs) take 16-row programs: one token's group of heads; mixed
-or prefill steps take 64 rows, so a chunk's queries share each page they read. A decode
-step with few sequences would leave most multiprocessors idle, so its programs also split
-each context into `kv_splits` ranges (a third grid axis) and write float32 partial sums
-with their softmax max and sum; XLA merges the ranges.
+Keys come `block_keys` at a time (`pages_per_block` pages gathered through the block table):
+128 where a block of K fits in 32 KiB (bf16 up to head_dim 128), else 64. The online softmax
+works in exp2 with the scale folded in, in float32 registers.
+
+Interpret mode (CPU tests) runs each masked store as a read-modify-write of whole rows, so
+masked lanes must not land on a row another lane of the same store writes: there the result
+has 64 spare rows at the end for them, cut off after the last pass. On the GPU masked lanes
+write nothing and the result has no spare rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -33,13 +46,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
+from kernels.attention_work import (
+    CHUNK_ROWS, DECODE_ROWS, KEY_START, KEY_STOP, MERGE_COUNT, MERGE_FIRST, POS_OFFSET, Q_END, Q_FIRST, SEQ,
+    WORK_COLS, WorkPlan, work_plan, work_table,
+)
+
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head
-KEYS_PER_BLOCK = 64  # keys per inner step: pages_per_block = KEYS_PER_BLOCK // page_size
+DECODE_WARPS = 4
+CHUNK_WARPS = 8  # 64 rows x 128 keys of float32 scores and a 64 x 128 accumulator
 _NEG = -1e30
 _LOG2E = math.log2(math.e)
-# work-item columns
-_SEQ, _QSTART, _QEND, _KVLEN, _POSOFF = range(5)
 
 
 class UnsupportedAttentionShape(ValueError):
@@ -61,6 +78,28 @@ def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
         raise UnsupportedAttentionShape(f"dtype {jnp.dtype(dtype).name}; the Pallas kernel supports float32 and bfloat16")
 
 
+def plan_for(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+             dtype, decode_only: bool = False) -> WorkPlan:
+    """The work plan the kernel uses for these shapes: the runner builds its table from it."""
+    return work_plan(num_tokens, num_seqs, num_heads // num_kv_heads, head_dim, page_size, dtype,
+                     decode_only=decode_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What every program knows at trace time."""
+
+    plan: WorkPlan
+    heads: int
+    rows: int  # tokens * heads: the result's real rows
+    spare: int  # extra rows at the end for masked lanes (interpret mode only)
+    max_blocks: int  # block-table columns
+    sm_scale: float
+    sliding_window: int | None
+    soft_cap: float | None
+    precision: jax.lax.Precision | None
+
+
 def ragged_paged_attention(
     q: Float[Array, "tokens heads head_dim"],
     k_pages: Float[Array, "pages page_size kv_heads head_dim"],
@@ -68,212 +107,224 @@ def ragged_paged_attention(
     block_tables: Int[Array, "seqs max_blocks"],
     context_lens: Int[Array, " seqs"],
     query_start_loc: Int[Array, " seqs_plus_one"],
+    work: Int[Array, "entries 8"] | None = None,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
-    block_rows: int | None = None,
-    num_warps: int = 4,
+    decode_only: bool = False,
+    num_warps: int | None = None,
     num_stages: int = 2,
-    kv_splits: int | None = None,
     poison: float | None = None,
 ) -> Float[Array, "tokens heads head_dim"]:
-    """`poison`, for tests: the programs' output slabs start filled with this value (e.g.
-    NaN), so a row a program should have written and did not shows up in the result."""
+    """`work`: the step's table from `attention_work.work_table(plan_for(...), ...)`.
+    `decode_only`: every sequence brings at most one token (no chunk entries; a wrong promise
+    gives wrong rows). `num_warps`: both passes' warps (default: decode 4, chunks 8).
+    `poison`, for tests: the result starts filled with this value (e.g. NaN), so a row no
+    program wrote shows up."""
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs, max_blocks = block_tables.shape
     check_supported(num_heads, num_kv_heads, head_dim, page_size, k_pages.dtype)
-    group = num_heads // num_kv_heads
-    if block_rows is None:
-        block_rows = 16 if num_tokens <= num_seqs else 64
-    block_q = block_rows // group  # whole tokens per program; the rows past block_q * group idle
-    pages_per_block = max(1, KEYS_PER_BLOCK // page_size)
-    num_work = num_seqs + -(-num_tokens // block_q)
-
-    work = _work_items(query_start_loc, context_lens, block_q, num_work)
-    # [kv_heads, tokens * group (+ a block of padding so every program's rows are in bounds), D]
-    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-    q_rows = q_rows.reshape(num_kv_heads, num_tokens * group, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, block_rows), (0, 0)))
-    table_cols = -(-max_blocks // pages_per_block) * pages_per_block
-    tables = jnp.pad(block_tables, ((0, 0), (0, table_cols - max_blocks)))
-
-    if kv_splits is None:
-        kv_splits = _default_kv_splits(num_tokens, num_seqs, num_kv_heads)
-    kernel = functools.partial(
-        _attention_kernel,
-        group=group,
-        block_rows=block_rows,
-        pages_per_block=pages_per_block,
-        kv_splits=kv_splits,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
-    )
-    # Split programs write float32 partial sums and their softmax (max, sum) rows; XLA merges them.
-    split = kv_splits > 1
-    slab_shape = (kv_splits, num_work, num_kv_heads, block_rows, head_dim)
-    slab_dtype = jnp.float32 if split else q.dtype
-    operands = [work, tables, q_rows, k_pages, v_pages]
-    slab_spec = pl.BlockSpec((None, None, None, block_rows, head_dim), lambda h, i, s: (s, i, h, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, None, block_rows), lambda h, i, s: (s, i, h, 0))
-    whole = lambda shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
-    pages_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda h, i, s: (0, 0, h, 0))
-    out_shape = [jax.ShapeDtypeStruct(slab_shape, slab_dtype)]
-    if split:
-        out_shape += [jax.ShapeDtypeStruct(slab_shape[:-1], jnp.float32)] * 2
-    outs = pl.pallas_call(
-        kernel,
-        grid=(num_kv_heads, num_work, kv_splits),
-        in_specs=[
-            whole(work.shape),
-            whole(tables.shape),
-            pl.BlockSpec((None, q_rows.shape[1], head_dim), lambda h, i, s: (h, 0, 0)),
-            pages_spec,
-            pages_spec,
-        ]
-        + ([slab_spec] if poison is not None else []),
-        out_specs=[slab_spec] + [stat_spec] * (2 if split else 0),
-        out_shape=out_shape,
-        input_output_aliases={len(operands): 0} if poison is not None else {},
-        interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name=f"ragged_paged_attention_r{block_rows}_g{group}_d{head_dim}_s{kv_splits}",
-    )(*operands, *([jnp.full(slab_shape, poison, slab_dtype)] if poison is not None else []))
-    slabs = _merge_splits(*outs) if split else outs[0][0]
-    return _tokens_from_slabs(slabs.astype(q.dtype), work, query_start_loc, num_tokens, group, block_q)
+    plan = plan_for(num_tokens, num_seqs, num_heads, num_kv_heads, head_dim, page_size, k_pages.dtype, decode_only)
+    if work is None:
+        work = work_table(plan, query_start_loc, context_lens, xp=jnp)
+    elif work.shape != (plan.rows, WORK_COLS):
+        raise ValueError(f"work table of shape {work.shape}; these shapes need {(plan.rows, WORK_COLS)} "
+                         f"(kernels/attention_work.py)")
+    rows = num_tokens * num_heads
+    st = _Static(plan, num_heads, rows, CHUNK_ROWS if interpret else 0, max_blocks, sm_scale, sliding_window,
+                 soft_cap, jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+    call = functools.partial(pl.pallas_call, interpret=interpret)
+    params = lambda warps: plgpu.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages)  # noqa: E731
+    q_rows = q.reshape(rows, head_dim)  # free: row t * heads + h is token t, head h
+    start = None if poison is None else jnp.full((rows + st.spare, head_dim), poison, q.dtype)
+    out, *partials = _decode_pass(st, call, params(DECODE_WARPS), work, block_tables, q_rows, k_pages, v_pages,
+                                  start)
+    out = _second_pass(st, call, params(CHUNK_WARPS), work, block_tables, q_rows, k_pages, v_pages, partials, out)
+    if st.spare:
+        out = out[:rows]
+    return out.reshape(num_tokens, num_heads, head_dim)
 
 
-def _default_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int) -> int:
-    """Decode steps with few sequences have too few (sequence, KV head) programs to fill a
-    GPU's ~100+ multiprocessors; such steps split each context into up to 16 ranges."""
-    if num_tokens > num_seqs:
-        return 1
-    programs = num_seqs * num_kv_heads
-    return max(1, min(16, 256 // programs))
+def _whole(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _merge_splits(acc, row_max, row_sum):
-    """Combine per-split online-softmax partials: acc [splits, ..., D], max and sum [splits, ...]
-    (max in log2 units). A split that saw no key has sum 0 and weighs nothing."""
-    top = jnp.max(row_max, axis=0)
-    weight = jnp.exp2(row_max - top)
-    total = jnp.sum(weight * row_sum, axis=0)
-    merged = jnp.sum(weight[..., None] * acc, axis=0)
-    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+def _head_pages(k_pages):
+    """This KV head's keys of every page: [pages, page_size, head_dim]."""
+    return pl.BlockSpec((k_pages.shape[0], k_pages.shape[1], None, k_pages.shape[3]), lambda h, _: (0, 0, h, 0))
 
 
-def _work_spans(query_start_loc, block_q: int):
-    """Each sequence's work items are [starts[s], ends[s]): ceil(q_len / block_q) of them."""
-    q_len = query_start_loc[1:] - query_start_loc[:-1]
-    ends = jnp.cumsum((q_len + block_q - 1) // block_q)
-    return ends - (q_len + block_q - 1) // block_q, ends
+def _decode_pass(st: _Static, call, params, work, tables, q_rows, k_pages, v_pages, start):
+    entries, head_dim, kv_heads = st.plan.decode_entries, q_rows.shape[1], k_pages.shape[2]
+    out_shape = jax.ShapeDtypeStruct((st.rows + st.spare, head_dim), q_rows.dtype)
+    part = (entries, kv_heads, DECODE_ROWS)
+    inputs = [work, tables, q_rows, k_pages, v_pages] + ([start] if start is not None else [])
+    return call(
+        functools.partial(_decode_kernel, st=st),
+        grid=(kv_heads, entries),
+        in_specs=[_whole(work.shape), _whole(tables.shape), _whole(q_rows.shape), _head_pages(k_pages),
+                  _head_pages(v_pages)] + ([_whole(start.shape)] if start is not None else []),
+        out_specs=[
+            _whole(out_shape.shape),
+            pl.BlockSpec((None, None, DECODE_ROWS, head_dim), lambda h, e: (e, h, 0, 0)),
+            pl.BlockSpec((None, None, DECODE_ROWS), lambda h, e: (e, h, 0)),
+            pl.BlockSpec((None, None, DECODE_ROWS), lambda h, e: (e, h, 0)),
+        ],
+        out_shape=[out_shape, jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32)],
+        input_output_aliases={5: 0} if start is not None else {},
+        compiler_params=params,
+        name=f"ragged_paged_attention_decode_g{st.plan.group}_d{head_dim}_k{st.plan.block_keys}",
+    )(*inputs)
 
 
-def _work_items(query_start_loc, context_lens, block_q: int, num_work: int) -> Int[Array, "work 5"]:
-    """[num_work, 5] int32 rows (seq, first token, end token, kv_len, position offset); the
-    rows past the batch's real work have kv_len 0, so their programs read nothing."""
-    num_seqs = context_lens.shape[0]
-    starts, ends = _work_spans(query_start_loc, block_q)
-    w = jnp.arange(num_work, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(ends, w, side="right"), 0, num_seqs - 1).astype(jnp.int32)
-    real = w < ends[-1]
-    first = query_start_loc[seq] + (w - starts[seq]) * block_q
-    end = jnp.minimum(first + block_q, query_start_loc[seq + 1])
-    kv_len = jnp.where(real, context_lens[seq], 0)
-    pos_offset = context_lens[seq] - query_start_loc[seq + 1]  # position of token t = t + pos_offset
-    return jnp.stack([seq, first, end, kv_len, pos_offset], axis=1).astype(jnp.int32)
+def _second_pass(st: _Static, call, params, work, tables, q_rows, k_pages, v_pages, partials, out):
+    head_dim, kv_heads = q_rows.shape[1], k_pages.shape[2]
+    entries = st.plan.decode_entries
+    acc_spec = pl.BlockSpec((entries, None, DECODE_ROWS, head_dim), lambda h, _: (0, h, 0, 0))
+    stat_spec = pl.BlockSpec((entries, None, DECODE_ROWS), lambda h, _: (0, h, 0))
+    return call(
+        functools.partial(_second_kernel, st=st),
+        grid=(kv_heads, st.plan.chunk_entries + entries),
+        in_specs=[_whole(work.shape), _whole(tables.shape), _whole(q_rows.shape), _head_pages(k_pages),
+                  _head_pages(v_pages), acc_spec, stat_spec, stat_spec, _whole(out.shape)],
+        out_specs=_whole(out.shape),
+        out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
+        input_output_aliases={8: 0},
+        compiler_params=params,
+        name=f"ragged_paged_attention_chunks_g{st.plan.group}_d{head_dim}_k{st.plan.block_keys}_c{st.plan.chunk_entries}",
+    )(work, tables, q_rows, k_pages, v_pages, *partials, out)
 
 
-def _attention_kernel(
-    work_ref,  # [work, 5] int32
-    tables_ref,  # [seqs, table_cols] int32
-    q_ref,  # [rows, head_dim], this KV head's query rows
-    k_ref,  # [pages, page_size, head_dim], this KV head's keys
-    v_ref,  # [pages, page_size, head_dim]
-    *out_refs,  # [poisoned slab aliased to the output,] output [rows, head_dim] [, row max, row sum]
-    group: int,
-    block_rows: int,
-    pages_per_block: int,
-    kv_splits: int,
-    sm_scale: float,
-    sliding_window: int | None,
-    soft_cap: float | None,
-    precision,
-):
-    i, split = pl.program_id(1), pl.program_id(2)
-    seq = work_ref[i, _SEQ]
-    first, end = work_ref[i, _QSTART], work_ref[i, _QEND]
-    kv_len, pos_offset = work_ref[i, _KVLEN], work_ref[i, _POSOFF]
-    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
-    block_keys = pages_per_block * page_size
+def _decode_kernel(work_ref, tables_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
+    out_ref, acc_ref, max_ref, sum_ref = refs[-4:]  # (a poisoned start buffer, aliased to out_ref, first)
+    h, e = pl.program_id(0), pl.program_id(1)
+    token = work_ref[e, Q_FIRST]
 
-    q = q_ref[pl.ds(first * group, block_rows), :]
-    q_pos = first + pos_offset + jnp.arange(block_rows, dtype=jnp.int32) // group
-    # Keys this block can see: up to its last real query, and from the window's start.
-    key_end = jnp.minimum(kv_len, end + pos_offset)
-    key_start = 0 if sliding_window is None else jnp.maximum(0, first + pos_offset - sliding_window + 1)
+    @pl.when(work_ref[e, Q_END] > token)
+    def _():
+        r = jnp.arange(DECODE_ROWS, dtype=jnp.int32)
+        mine = r < st.plan.group
+        dest = token * st.heads + h * st.plan.group + r
+        q = q_ref[jnp.minimum(dest, st.rows - 1)]
+        position = token + work_ref[e, POS_OFFSET]
+        acc, row_max, row_sum = _attend(
+            st, q, jnp.full((DECODE_ROWS,), position, jnp.int32), position, work_ref[e, SEQ],
+            work_ref[e, KEY_START], work_ref[e, KEY_STOP], tables_ref, k_ref, v_ref)
+        count = work_ref[e, MERGE_COUNT]
+
+        @pl.when(count == 1)
+        def _():
+            _store_rows(st, out_ref, dest, mine, acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None])
+
+        @pl.when(count > 1)
+        def _():
+            acc_ref[...] = acc
+            max_ref[...] = row_max
+            sum_ref[...] = row_sum
+
+
+def _second_kernel(work_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, sum_ref, _, out_ref, *, st: _Static):
+    h, i = pl.program_id(0), pl.program_id(1)
+    chunks = st.plan.chunk_entries
+    if chunks:
+        @pl.when(i < chunks)
+        def _():
+            _chunk_program(st, st.plan.decode_entries + i, h, work_ref, tables_ref, q_ref, k_ref, v_ref, out_ref)
+
+    @pl.when(i >= chunks)
+    def _():
+        _merge_program(st, i - chunks, h, work_ref, acc_ref, max_ref, sum_ref, out_ref)
+
+
+def _chunk_program(st: _Static, e, h, work_ref, tables_ref, q_ref, k_ref, v_ref, out_ref):
+    first, end, offset = work_ref[e, Q_FIRST], work_ref[e, Q_END], work_ref[e, POS_OFFSET]
+    group = st.plan.group
+
+    @pl.when(end > first)
+    def _():
+        r = jnp.arange(CHUNK_ROWS, dtype=jnp.int32)
+        token = first + r // group
+        mine = (r < st.plan.block_q * group) & (token < end)
+        dest = token * st.heads + h * group + r % group
+        q = q_ref[jnp.minimum(dest, st.rows - 1)]
+        acc, _, row_sum = _attend(st, q, token + offset, first + offset, work_ref[e, SEQ], work_ref[e, KEY_START],
+                                  work_ref[e, KEY_STOP], tables_ref, k_ref, v_ref)
+        _store_rows(st, out_ref, dest, mine, acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None])
+
+
+def _merge_program(st: _Static, e, h, work_ref, acc_ref, max_ref, sum_ref, out_ref):
+    """Combine a split token's partials (max in log2 units; a split that saw no key has sum 0)."""
+    count = work_ref[e, MERGE_COUNT]
+
+    @pl.when((count > 1) & (work_ref[e, MERGE_FIRST] == e))
+    def _():
+        def combine(j, carry):
+            acc, top, total = carry
+            part_max = max_ref[e + j]
+            new_top = jnp.maximum(top, part_max)
+            old, new = jnp.exp2(top - new_top), jnp.exp2(part_max - new_top)
+            return acc * old[:, None] + acc_ref[e + j] * new[:, None], new_top, total * old + sum_ref[e + j] * new
+
+        init = (jnp.zeros(acc_ref.shape[1:], jnp.float32), jnp.full((DECODE_ROWS,), _NEG, jnp.float32),
+                jnp.zeros((DECODE_ROWS,), jnp.float32))
+        acc, _, total = jax.lax.fori_loop(0, count, combine, init)
+        r = jnp.arange(DECODE_ROWS, dtype=jnp.int32)
+        dest = work_ref[e, Q_FIRST] * st.heads + h * st.plan.group + r
+        _store_rows(st, out_ref, dest, r < st.plan.group, acc / jnp.where(total > 0, total, 1.0)[:, None])
+
+
+def _attend(st: _Static, q, q_pos, first_pos, seq, key_start, key_stop, tables_ref, k_ref, v_ref):
+    """Online softmax of query rows q [R, D] at positions q_pos [R] (the lowest first_pos) over
+    key blocks [key_start, key_stop) of sequence seq: (accumulator, max in log2 units, sum)."""
+    plan = st.plan
+    block_keys, per_block = plan.block_keys, plan.pages_per_block
+    head_dim = k_ref.shape[-1]
+    if st.sliding_window is not None:  # blocks wholly before the first query's window are skipped
+        window_start = jnp.maximum(first_pos - st.sliding_window + 1, 0) // block_keys
+        key_start = jnp.minimum(jnp.maximum(key_start, window_start), key_stop)
 
     def visit(j, carry):
         acc, row_max, row_sum = carry
-        pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+        # Columns past the table's end clamp to its last one: those keys lie past every query.
+        cols = jnp.minimum(j * per_block + jnp.arange(per_block, dtype=jnp.int32), st.max_blocks - 1)
+        pages = tables_ref[seq, cols]
         k = k_ref[pages].reshape(block_keys, head_dim)
         v = v_ref[pages].reshape(block_keys, head_dim)
-        scores = _dot(q, k, ((1,), (1,)), precision) * sm_scale  # q k^T: [rows, keys] float32
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        scores = _dot(q, k, ((1,), (1,)), st.precision) * st.sm_scale  # q k^T: [rows, keys] float32
+        if st.soft_cap is not None:
+            scores = st.soft_cap * jnp.tanh(scores / st.soft_cap)
         k_pos = j * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
-        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
-        if sliding_window is not None:
-            visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if st.sliding_window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - st.sliding_window
         scores = jnp.where(visible, scores * _LOG2E, _NEG)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
         probs = jnp.where(visible, jnp.exp2(scores - new_max[:, None]), 0.0)
         rescale = jnp.exp2(row_max - new_max)
-        acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)), precision)
+        acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)), st.precision)
         return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
-    start = jnp.minimum(key_start, key_end) // block_keys if sliding_window is not None else 0
-    stop = (key_end + block_keys - 1) // block_keys
-    if kv_splits > 1:  # this program's share of the key blocks
-        share = (stop - start + kv_splits - 1) // kv_splits
-        start = jnp.minimum(stop, start + split * share)
-        stop = jnp.minimum(stop, start + share)
-    init = (
-        jnp.zeros((block_rows, head_dim), jnp.float32),
-        jnp.full((block_rows,), _NEG, jnp.float32),
-        jnp.zeros((block_rows,), jnp.float32),
-    )
-    acc, row_max, row_sum = jax.lax.fori_loop(start, stop, visit, init)
-    if kv_splits > 1:
-        acc_ref, max_ref, sum_ref = out_refs[-3:]
-        acc_ref[...] = acc
-        max_ref[...] = row_max
-        sum_ref[...] = row_sum
-    else:
-        o_ref = out_refs[-1]
-        o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
+    rows = q.shape[0]
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    return jax.lax.fori_loop(key_start, key_stop, visit, init)
+
+
+def _store_rows(st: _Static, out_ref, dest, mine, values):
+    """values [R, D] into result rows dest [R] where mine [R]."""
+    r = jnp.arange(dest.shape[0], dtype=jnp.int32)
+    # Masked lanes still need an address: in bounds on the GPU, a spare row of their own when interpreted.
+    dest = jnp.where(mine, dest, st.rows + r) if st.spare else jnp.minimum(dest, st.rows - 1)
+    cols = jnp.arange(values.shape[1], dtype=jnp.int32)
+    plgpu.store(out_ref.at[dest[:, None], cols[None, :]], values.astype(out_ref.dtype),
+                mask=jnp.broadcast_to(mine[:, None], values.shape))
 
 
 def _dot(a, b, contracting, precision):
     # lax.dot_general rather than pl.dot, which jax 0.11 removed; float32 accumulation.
     return jax.lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
-
-
-def _tokens_from_slabs(slabs, work, query_start_loc, num_tokens: int, group: int, block_q: int):
-    """[work, kv_heads, rows, D] program slabs -> [tokens, heads, D]; padding tokens get 0."""
-    num_work, num_kv_heads, _, head_dim = slabs.shape
-    num_seqs = query_start_loc.shape[0] - 1
-    per_token = slabs[:, :, : block_q * group].reshape(num_work, num_kv_heads, block_q, group, head_dim)
-    starts, _ = _work_spans(query_start_loc, block_q)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], t, side="right"), 0, num_seqs - 1)
-    offset = t - query_start_loc[seq]
-    item = jnp.clip(starts[seq] + offset // block_q, 0, num_work - 1)
-    out = per_token[item, :, offset % block_q]  # [tokens, kv_heads, group, D]
-    real = t < query_start_loc[num_seqs]
-    return jnp.where(real[:, None, None, None], out, 0).reshape(num_tokens, num_kv_heads * group, head_dim)

@@ -27,6 +27,9 @@ class AttentionMetadata:
     block_tables: Int[HostOrDevice, "seqs max_blocks"]  # page ids of each sequence, in order
     context_lens: Int[HostOrDevice, " seqs"]  # cached tokens per sequence after this step's writes
     query_start_loc: Int[HostOrDevice, " seqs_plus_one"]  # sequence s owns tokens [qsl[s], qsl[s+1])
+    # The Pallas kernel's work table for this step (kernels/attention_work.py), built once on the
+    # host and shared by every layer; None: the kernel builds it itself (other backends ignore it).
+    work: Int[HostOrDevice, "entries cols"] | None = None
     # Static: which implementation attends ("reference", "cpu", "pallas", "pallas_interpret"); see
     # runtime/backend.py. Part of the pytree's structure, so each choice compiles once.
     backend: str = dataclasses.field(default="reference", metadata=dict(static=True))

@@ -44,11 +44,13 @@ _ATTENTION = {
 def _paged_attention(md: AttentionMetadata, q, k_pages, v_pages, sm_scale: float, window: int | None):
     attend = functools.partial(_ATTENTION[md.backend], sm_scale=sm_scale, sliding_window=window)
     args = (q, k_pages, v_pages, md.block_tables, md.context_lens, md.query_start_loc)
+    if md.work is not None and md.backend.startswith("pallas"):
+        args += (md.work,)
     if md.mesh is None:
         return attend(*args)
     # Each device attends with its own KV heads and their query heads; the batch metadata is replicated.
     heads, pages, whole = P(None, MODEL_AXIS, None), P(None, None, MODEL_AXIS, None), P()
-    return jax.shard_map(attend, mesh=md.mesh, in_specs=(heads, pages, pages, whole, whole, whole),
+    return jax.shard_map(attend, mesh=md.mesh, in_specs=(heads, pages, pages) + (whole,) * (len(args) - 3),
                          out_specs=heads, check_vma=False)(*args)
 
 

@@ -17,7 +17,8 @@ adapter replaces arrays of the same shape and never compiles.
 The product per token (`lora_delta`): each token computes the shrink x @ A for every slot, keeps
 its own slot's (a one-hot mask; the others become exact zeros) and expands with B. On CPU this
 costs `slots` small products instead of one, which at max_rank 16-64 and a few slots is cheap
-beside the base weights; a Punica-style gathered kernel (BGMV) is the GPU's better form.
+beside the base weights. GPUs run the gathered Pallas kernels of `kernels/lora_bgmv.py` (Punica's
+BGMV/SGMV: each token reads only its own slot) instead; `LoraInputs.kernel` says which.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from kernels.lora_bgmv import lora_bgmv
 from models.config import ModelConfig
 from models.safetensors_io import CheckpointError, MappedFiles, read_header
 
@@ -202,32 +204,43 @@ def write_slot(stacks: LoraStacks, slot: int, adapter: LoraAdapter | None) -> Lo
     return _write_slot(stacks, jnp.int32(slot), a, b)
 
 
+LORA_KERNELS = ("xla", "pallas", "pallas_interpret")
+"""How the product runs: `lora_delta` below (any device), the Pallas kernels of
+`kernels/lora_bgmv.py` through Triton (GPUs), or those kernels in the Pallas interpreter (tests)."""
+
+
 @dataclass(frozen=True)
 class LoraInputs:
-    """What the forward pass needs for adapters: each token's slot and the stacks."""
+    """What the forward pass needs for adapters: each token's slot, the stacks, and (static,
+    part of the pytree's structure) which implementation computes the product."""
 
     slots: Int[Array, " tokens"]
     stacks: LoraStacks
+    kernel: str = "xla"
 
     def layer(self, i: int) -> LoraLayer:
-        num_slots = next(iter(self.stacks.values()))["a"].shape[1]
-        dtype = next(iter(self.stacks.values()))["a"].dtype
-        mask = jax.nn.one_hot(self.slots, num_slots, dtype=dtype)
-        return LoraLayer(mask, {t: (s["a"][i], s["b"][i]) for t, s in self.stacks.items()})
+        return LoraLayer(self.slots, self.stacks, i, self.kernel)
 
 
 jax.tree_util.register_pytree_node(
-    LoraInputs, lambda x: ((x.slots, x.stacks), None), lambda _, c: LoraInputs(*c))
+    LoraInputs, lambda x: ((x.slots, x.stacks), x.kernel), lambda kernel, c: LoraInputs(*c, kernel))
 
 
 @dataclass(frozen=True)
 class LoraLayer:
-    mask: Float[Array, "tokens slots"]
-    weights: dict[str, tuple[Array, Array]]  # target -> (a [slots, in, r], b [slots, r, out])
+    slots: Int[Array, " tokens"]
+    stacks: LoraStacks
+    index: int  # the layer
+    kernel: str
 
     def delta(self, target: str, x: Float[Array, "tokens k"]) -> Float[Array, "tokens n"]:
-        a, b = self.weights[target]
-        return lora_delta(x, a, b, self.mask).astype(x.dtype)
+        a, b = self.stacks[target]["a"], self.stacks[target]["b"]
+        if self.kernel == "xla":
+            mask = jax.nn.one_hot(self.slots, a.shape[1], dtype=a.dtype)
+            return lora_delta(x, a[self.index], b[self.index], mask).astype(x.dtype)
+        # the whole stacks go in with the layer as an operand: one compiled kernel for every layer
+        return lora_bgmv(x.astype(a.dtype), a, b, self.slots, self.index,
+                         interpret=self.kernel == "pallas_interpret").astype(x.dtype)
 
 
 def lora_delta(

@@ -6,7 +6,7 @@
 Random weights of the shape, made on the device. Three workloads, the same for both systems:
 - time to first token for `--ttft-runs` different `--long-prompt`-token prompts (2,048) sent
   one at a time (the engine idle between them): P50 and P99 (with 10 runs, P99 is the slowest);
-- batch-1 decode: a 128-token prompt, `--new` tokens; tok/s over the decode steps;
+- batch-1 decode: a 128-token prompt, `--decode-new` tokens (default `--new`); tok/s over the decode steps;
 - `--concurrent` requests (256) of 128 prompt tokens and `--new` (256) new tokens at once:
   generated tokens over wall time, prefill included.
 Tessera's process also measures the device's copy bandwidth (the roofline the table divides
@@ -127,11 +127,11 @@ def bench_tessera(args, raw: dict) -> dict:
     run(prompts(1, args.long_prompt, 99, vocab), SamplingParams(max_tokens=1, **greedy))  # first-use effects
     ttft = [run(prompts(1, args.long_prompt, 100 + i, vocab), SamplingParams(max_tokens=1, **greedy))[0]
             for i in range(args.ttft_runs)]
-    marks = run(prompts(1, PROMPT, 7, vocab), SamplingParams(max_tokens=args.new, **greedy))
+    marks = run(prompts(1, PROMPT, 7, vocab), SamplingParams(max_tokens=args.decode_new, **greedy))
     decode_tps = (len(marks) - 1) / (marks[-1] - marks[0])
     if args.quantization is None:  # the same decode with steps in series: what the overlap hides
         engine.config.async_scheduling = False
-        marks = run(prompts(1, PROMPT, 9, vocab), SamplingParams(max_tokens=args.new, **greedy))
+        marks = run(prompts(1, PROMPT, 9, vocab), SamplingParams(max_tokens=args.decode_new, **greedy))
         extra["decode_tps_series"] = (len(marks) - 1) / (marks[-1] - marks[0])
         engine.config.async_scheduling = True
     preempted = engine.scheduler.num_preemptions
@@ -192,12 +192,12 @@ def bench_transformers(args, raw: dict) -> dict:
     ttft = [generate(prompts(1, args.long_prompt, 100 + i, vocab), 1) for i in range(args.ttft_runs)]
     one = prompts(1, PROMPT, 7, vocab)
     first = statistics.median(generate(one, 1) for _ in range(3))
-    full = generate(one, args.new)
+    full = generate(one, args.decode_new)
     concurrent_s = generate(prompts(args.concurrent, PROMPT, 8, vocab), args.new)
     return dict(
         system="transformers", attention="sdpa", param_bytes=param_bytes, decode_weight_bytes=decode_weight_bytes,
         ttft_s=ttft, torch=torch.__version__,
-        transformers=transformers.__version__, decode_tps=(args.new - 1) / (full - first),
+        transformers=transformers.__version__, decode_tps=(args.decode_new - 1) / (full - first),
         concurrent_tps=args.concurrent * args.new / concurrent_s,
     )
 
@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--ttft-runs", type=int, default=10)
     ap.add_argument("--long-prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--decode-new", type=int, help="batch-1 decode's new tokens (a rate); default --new")
     ap.add_argument("--concurrent", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="tessera: as `tessera serve`; the KV cache takes the rest (the CPU uses --kv-gib)")
@@ -221,6 +222,7 @@ def main() -> None:
     ap.add_argument("--agreement-length", type=int, default=256)
     ap.add_argument("--attention", help="force an attention backend (as `tessera serve --attention`); default: by device")
     args = ap.parse_args()
+    args.decode_new = args.decode_new or args.new
     if args.system == "tessera":
         from runtime.kv_memory import apply_pool_fraction
 
@@ -230,6 +232,7 @@ def main() -> None:
     if args.system == "tessera":
         result["device"] = device_name()
     result.update(shape=args.shape, dtype=args.dtype, quantization=args.quantization, new_tokens=args.new,
+                  decode_new_tokens=args.decode_new,
                   concurrent=args.concurrent, prompt_tokens=PROMPT, long_prompt=args.long_prompt,
                   kv_bytes_per_token=_kv_bytes_per_token(raw, args.dtype))
     args.out.write_text(json.dumps(result, indent=1))

@@ -2,7 +2,7 @@
 
     python perf/gpu_table.py OUT_DIR        (prints markdown; gpu_check.sh saves it)
 
-Files: kernel.json (perf/gpu_kernel_check.py), and per model shape tessera_SHAPE.json,
+Files: kernel.json (perf/gpu_kernel_check.py), lora.json (perf/gpu_lora_check.py), and per model shape tessera_SHAPE.json,
 tessera_SHAPE_fp8.json and transformers_SHAPE.json (perf/gpu_serve_bench.py). A missing or
 malformed file becomes a line saying so: the table of a partial run still prints.
 
@@ -54,17 +54,39 @@ def _kernel_rows(k: dict) -> list[str]:
            f"kernel correctness (compiled, poisoned outputs): {ok}/{len(rows)} cases pass; worst relative error "
            f"float32 {worst['float32']:.2e}, bfloat16 {worst['bfloat16']:.2e}",
            "", "| attention workload (bf16, 32 q / 8 kv heads, d=128) | Tessera kernel | GB/s | jax paged_attention | "
-           "XLA reference | kernel vs jax |", "|---|---|---|---|---|---|"]
+           "XLA reference | kernel vs jax | decode-only variant vs jax |", "|---|---|---|---|---|---|---|"]
     for t in k["timings"]:
         if "error" in t:
-            out.append(f"| {t['workload']} | error: {t['error'][:80]} | | | | |")
+            out.append(f"| {t['workload']} | error: {t['error'][:80]} | | | | | |")
             continue
         gbs = t["bytes"] / t["tessera_s"] / 1e9
         jax_s, ref_s, ours_s = t.get("jax_paged_attention_s"), t.get("reference_s"), t["tessera_s"]
         jax_cell = f"{jax_s * 1e6:.1f} us" if jax_s else t.get("jax_error", "-")[:40]
         ref_cell = f"{ref_s * 1e6:.1f} us" if ref_s else "-"
         ratio = f"{jax_s / ours_s:.2f}x" if jax_s else "-"
-        out.append(f"| {t['workload']} | {ours_s * 1e6:.1f} us | {gbs:.0f} | {jax_cell} | {ref_cell} | {ratio} |")
+        only_s = t.get("tessera_decode_only_s")
+        only = f"{only_s * 1e6:.1f} us, {jax_s / only_s:.2f}x" if only_s and jax_s else "-"
+        out.append(f"| {t['workload']} | {ours_s * 1e6:.1f} us | {gbs:.0f} | {jax_cell} | {ref_cell} | {ratio} | {only} |")
+    return out
+
+
+def lora_section(k: dict | None) -> list[str]:
+    if k is None:
+        return ["", "LoRA kernels: no result (they failed or ran out of time; see the log)"]
+    rows = k["correctness"]
+    worst = {d: max((r.get("rel_err", float("inf")) for r in rows if r["dtype"] == d), default=None)
+             for d in ("float32", "bfloat16")}
+    how = "interpreted" if k.get("interpret") else "compiled"
+    out = ["", f"LoRA kernels (BGMV/SGMV, {how}): {sum(r['ok'] for r in rows)}/{len(rows)} cases match the XLA "
+               f"product; worst relative error float32 {worst['float32']:.2e}, bfloat16 {worst['bfloat16']:.2e}",
+           "", "| LoRA workload (bf16, rank 16, 4096 -> 14336) | kernels | GB/s | XLA masked product | kernels vs XLA |",
+           "|---|---|---|---|---|"]
+    for t in k.get("timings", []):
+        if "error" in t:
+            out.append(f"| {t['workload']} | error: {t['error'][:80]} | | | |")
+            continue
+        out.append(f"| {t['workload']} | {t['kernel_s'] * 1e6:.1f} us | {t['bytes'] / t['kernel_s'] / 1e9:.0f} | "
+                   f"{t['xla_s'] * 1e6:.1f} us | {t['xla_s'] / t['kernel_s']:.2f}x |")
     return out
 
 
@@ -84,7 +106,7 @@ def kernel_targets(k: dict | None) -> list[str]:
 
 def roofline_tps(r: dict, copy_gbs: float) -> float:
     """Batch-1 decode's ceiling: one step's bytes at the measured copy bandwidth."""
-    ctx = r["prompt_tokens"] + r["new_tokens"] / 2  # the mean context over the decode
+    ctx = r["prompt_tokens"] + r.get("decode_new_tokens", r["new_tokens"]) / 2  # the mean context over the decode
     step_bytes = r.get("decode_weight_bytes", r["param_bytes"]) + ctx * r["kv_bytes_per_token"]
     return copy_gbs * 1e9 / step_bytes
 
@@ -184,7 +206,8 @@ def main() -> None:
             "the roofline below"] if device else ["device: no Tessera result"]
     kernel = _load(folder, "kernel.json")
     rows, notes = serving_section(folder, shapes)
-    print("\n".join(head + [""] + kernel_section(kernel) + [""] + rows + [""] + notes + kernel_targets(kernel)))
+    print("\n".join(head + [""] + kernel_section(kernel) + lora_section(_load(folder, "lora.json")) + [""] + rows
+                    + [""] + notes + kernel_targets(kernel)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import jax
+
 from models.config import ModelConfig
 from models.lora import LoraAdapter, LoraStacks, empty_stacks, read_adapter, write_slot
 
@@ -61,11 +63,16 @@ class AdapterCounters:
 
 
 class AdapterManager:
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype):
+    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype,
+                 sharding: jax.sharding.Sharding | None = None):
+        """`sharding`: where the stacks live; with tensor parallelism, replicated over the mesh
+        (each device then computes the products for its own heads and MLP columns)."""
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras={max_loras} and max_lora_rank={max_rank} must be >= 1")
         self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_rank
         self.stacks: LoraStacks = empty_stacks(cfg, max_loras + 1, max_rank, dtype)
+        if sharding is not None:
+            self.stacks = jax.device_put(self.stacks, sharding)
         self.stacks = write_slot(self.stacks, 0, None)  # compiles the slot update now, not at a first load
         self.counters = AdapterCounters()
         self._lock = threading.Lock()  # guards _current, _versions, counters' registry fields

@@ -11,7 +11,10 @@ Attention:
 Weight products (`models/linear.py`): `packed` for a bfloat16 model on one CPU whose weights
 all pack, else `cpu` on one CPU, else `xla`; `xla` for fp8 weights (`--quantization fp8`,
 `models/fp8.py`), which only XLA's products read, on one device (they are quantized fused).
-`EngineConfig.attention_backend` and `EngineConfig.linear` force a choice (the `--attention`
+LoRA products (when adapters are served, `models/lora.py`): `pallas` (the gathered kernels of
+`kernels/lora_bgmv.py`, the default on GPUs whose shapes they take), `xla` (anywhere; the
+default elsewhere), `pallas_interpret` (tests).
+`EngineConfig.attention_backend`, `EngineConfig.linear` and `EngineConfig.lora_kernel` force a choice (the `--attention`
 and `--linear` flags); one that cannot run on this device or model fails here, with a message
 that says why, rather than at the first request.
 """
@@ -21,9 +24,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.lora_bgmv import UnsupportedLoraShape
+from kernels.lora_bgmv import check_supported as check_lora_supported
 from kernels.ragged_paged_attention import UnsupportedAttentionShape, check_supported
 from kernels.ragged_paged_attention_cpu import available as cpu_kernel_available
 from models.config import ModelConfig
+from models.lora import LORA_KERNELS, target_shapes
 from models.projection import LINEAR_IMPLS, QUANTIZATIONS, packable
 
 ATTENTION_BACKENDS = ("pallas", "cpu", "reference", "pallas_interpret")
@@ -108,6 +114,31 @@ def resolve_linear(requested: str | None, cfg: ModelConfig, dtype, platform: str
         raise BackendError("linear 'packed' needs every projection's output width a multiple of 16 "
                            "(q/k/v, o, gate/up, down, vocabulary); use 'cpu'")
     return requested
+
+
+def resolve_lora_kernel(requested: str | None, cfg: ModelConfig, max_rank: int, dtype, platform: str,
+                        tensor_parallel: int = 1) -> str:
+    """The LoRA product: the Pallas kernels on one GPU when every target's shapes suit them
+    (otherwise XLA's masked product, which serves any shape), XLA elsewhere. On a mesh XLA
+    splits the product with the weights; the kernels are not run per device (a gap)."""
+    if requested is not None and requested not in LORA_KERNELS:
+        raise BackendError(f"LoRA kernel {requested!r} is unknown; choose one of {', '.join(LORA_KERNELS)}")
+    if requested == "pallas" and platform != "gpu":
+        raise BackendError(f"LoRA kernel 'pallas' needs a CUDA GPU, but jax's backend here is {platform!r}; use 'xla' "
+                           f"(or 'pallas_interpret' to run the kernels slowly in the interpreter)")
+    if requested is not None and requested != "xla" and tensor_parallel > 1:
+        raise BackendError(f"LoRA kernel {requested!r} runs on one device; with tensor parallel {tensor_parallel} "
+                           f"use 'xla'")
+    choice = requested or ("pallas" if platform == "gpu" and tensor_parallel == 1 else "xla")
+    if choice.startswith("pallas"):
+        try:
+            for fan_in, fan_out in target_shapes(cfg).values():
+                check_lora_supported(fan_in, fan_out, max_rank, dtype)
+        except UnsupportedLoraShape as e:
+            if requested is not None:
+                raise BackendError(f"LoRA kernel {choice!r} cannot serve this model: {e}") from None
+            return "xla"
+    return choice
 
 
 def backend_mode(platform: str, attention_backend: str) -> str:

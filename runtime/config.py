@@ -49,6 +49,8 @@ class EngineConfig:
     """LoRA adapters on the device at once (slots of the step); 0 serves no adapters."""
     max_lora_rank: int = 16
     """The largest adapter rank taken; every slot is this wide."""
+    lora_kernel: str | None = None
+    """LoRA products: "pallas", "xla" or "pallas_interpret"; None = by device (runtime/backend.py)."""
     kv_tiers: KvTierConfig | None = None
     """Host memory and disk tiers below the device's prefix cache (runtime/kv_tiers.py); None = device only."""
 

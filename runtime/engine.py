@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import generation_defaults
 from models.loader import LoadedModel, lay_out, load_model
@@ -116,9 +117,10 @@ class Engine:
         # the caller lets go, after the KV cache was sized: `served_layout` first frees them sooner.
         self.model, self.tokenizer = lay_out(model, self.plan.weights), tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
-        if config.max_loras and model.mesh.size > 1:
-            raise ValueError("LoRA adapters are served on one device only (max_loras with tensor_parallel > 1)")
-        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype)
+        # With tensor parallelism the stacks are replicated: XLA splits the products as it
+        # splits the weights they add to (runtime/backend.py keeps the kernels to one device).
+        replicated = NamedSharding(model.mesh, PartitionSpec()) if model.mesh.size > 1 else None
+        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype, replicated)
                          if config.max_loras else None)
         # The cache is allocated once its size is known: from the device's memory, that needs the
         # weights and adapter slots in place and the step's workspace (runtime/kv_memory.py).

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from kernels.cpu_library import available as cpu_kernels_available
 from models.config import ModelConfig
 from models.projection import LINEAR_IMPLS, WeightLayout
-from runtime.backend import resolve_attention_backend, resolve_linear
+from runtime.backend import resolve_attention_backend, resolve_linear, resolve_lora_kernel
 from runtime.config import EngineConfig
 
 __all__ = ["LINEAR_IMPLS", "ExecutionPlan", "choose_plan"]
@@ -36,6 +36,8 @@ class ExecutionPlan:
     (models/projection.py): the `layout` label says "dense", "packed" or "fp8"."""
     sampling: str
     """Top logprobs and normaliser: "cpu" (the C++ kernel) or "xla"."""
+    lora: str | None = None
+    """LoRA products: "pallas", "xla" or "pallas_interpret"; None when no adapters are served."""
 
     def labels(self) -> dict[str, str]:
         """The labels of `tessera:execution_plan`, and the start-up log line's fields."""
@@ -43,7 +45,7 @@ class ExecutionPlan:
             "device": self.platform, "tensor_parallel": str(self.devices), "dtype": self.dtype,
             "attention": self.attention, "linear": self.weights.linear, "fused": str(self.weights.fused).lower(),
             "layout": self.weights.name, "sampling": self.sampling,
-        }
+        } | ({} if self.lora is None else {"lora": self.lora})
 
     def __str__(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.labels().items())
@@ -58,4 +60,6 @@ def choose_plan(config: EngineConfig, cfg: ModelConfig, dtype, mesh: Mesh) -> Ex
     # mesh they stay apart, split by heads and MLP columns.
     weights = WeightLayout(linear, fused=devices == 1, quantization=config.quantization)
     sampling = "cpu" if platform == "cpu" and devices == 1 and cpu_kernels_available() else "xla"
-    return ExecutionPlan(platform, devices, jnp.dtype(dtype).name, attention, weights, sampling)
+    lora = (resolve_lora_kernel(config.lora_kernel, cfg, config.max_lora_rank, dtype, platform, devices)
+            if config.max_loras else None)
+    return ExecutionPlan(platform, devices, jnp.dtype(dtype).name, attention, weights, sampling, lora)

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Int
 
+from kernels.attention_work import WorkPlan, work_table
+from kernels.ragged_paged_attention import plan_for
 from models.forward import compute_logits
 from models.kv_cache import AttentionMetadata, KVCache
 from models.lora import LoraInputs, LoraStacks
@@ -63,6 +65,7 @@ def _step(
     attention: str,
     attention_mesh,
     summary_impl: str,
+    lora_kernel: str | None,
 ) -> tuple[SampledTokens, Int[Array, " max_rows"], KVCache, PromptLogprobs | None]:
     """One step on the device. Tokens marked in `from_previous` are read from the previous
     step's drawn tokens (still on the device: overlapped scheduling); the drawn tokens come back
@@ -72,11 +75,11 @@ def _step(
     f = layout.unpack(packed)
     on_device = f["from_previous"] != NOT_ON_DEVICE
     tokens = jnp.where(on_device, previous_tokens[jnp.where(on_device, f["from_previous"], 0)], f["tokens"])
-    md = AttentionMetadata(f["slots"], f["block_tables"], f["context_lens"], f["query_start"],
+    md = AttentionMetadata(f["slots"], f["block_tables"], f["context_lens"], f["query_start"], f["attention_work"],
                            backend=attention, mesh=attention_mesh)
     sampling = SamplingInputs(f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"], f["sample_positions"])
     state = jax.tree.unflatten(state_def, state_leaves)
-    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks)
+    lora = None if lora_stacks is None else LoraInputs(f["lora_slots"], lora_stacks, lora_kernel)
     prompt = None
     if prompt_targets is None:
         logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, f["logits_indices"],
@@ -140,9 +143,11 @@ class Runner:
         self._state_leaves, state_def = jax.tree.flatten(model.state)
         self._state_def = state_def
         self._summary_impl = plan.sampling
+        self._lora_kernel = plan.lora
         # (bucket, adjust, lora, prompt) programs compiled and run: re-run after a fault
         self._warmed: list[tuple[int, bool, bool, bool]] = []
-        self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq))
+        self._buffers = {b: HostStepBuffers(StepLayout(b, self.rows_for(b), self.max_blocks_per_seq,
+                                                       self._attention_plan(b)))
                          for b in token_buckets}
         # What a step reads for tokens it takes from the device when the previous step drew none.
         self._no_previous = jnp.zeros(max_num_seqs, jnp.int32)
@@ -154,7 +159,7 @@ class Runner:
         nothing inside calls back to the host (tests/runtime/test_step_program.py reads its HLO)."""
         step = partial(_step, self.model.graphdef, self._state_def, max_rows=self.max_num_seqs,
                        attention=self.attention_backend, attention_mesh=self.attention_mesh,
-                       summary_impl=self._summary_impl)
+                       summary_impl=self._summary_impl, lora_kernel=self._lora_kernel)
         return jax.jit(step, static_argnames=("layout",), donate_argnames=("kv_cache",))
 
     def allocate_cache(self, num_blocks: int) -> None:
@@ -194,6 +199,16 @@ class Runner:
         inputs = max(0, stats.argument_size_in_bytes - held - cache)
         outputs = max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes)
         return stats.temp_size_in_bytes + inputs + outputs
+
+    def _attention_plan(self, bucket: int) -> WorkPlan | None:
+        """The Pallas kernel's work plan for a bucket: its table is built here once per step
+        rather than in XLA by every layer. (Per device under tensor parallelism the query and
+        KV heads both divide, so the group and the plan are the same.)"""
+        if not self.attention_backend.startswith("pallas"):
+            return None
+        cfg = self.model.cfg
+        return plan_for(bucket, self.rows_for(bucket), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        self.block_size, self.model.dtype)
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.token_buckets:
@@ -381,6 +396,8 @@ class Runner:
             f["top_p"][row], f["top_k"][row], f["min_p"][row] = max(p.top_p, MIN_TOP_P), p.top_k, p.min_p
             f["seeds"][row], f["sample_positions"][row] = seq.seed, seq.num_tokens
         query_start[len(out.chunks) + 1 :] = at
+        if buffers.layout.attention is not None:
+            f["attention_work"][...] = work_table(buffers.layout.attention, query_start, context_lens)
         # A tuple, not the dataclass: jax's AOT stages (lower_step) rebuild argument pytrees
         # with placeholders, which the dataclass's shape-checked constructor refuses in tests.
         adjustments = _fields(self._adjustments(out, buffers.layout.rows)) if adjust else None

@@ -8,7 +8,10 @@ Shape of the buffer for a bucket of T tokens and S sequence rows (B pages per se
 
     tokens[T] positions[T] slots[T] from_previous[T] lora_slots[T] | block_tables[S*B] context_lens[S]
     query_start[S+1] logits_indices[S] | temperature[S] top_p[S] top_k[S] min_p[S] seeds[S]
-    sample_positions[S]
+    sample_positions[S] | attention_work[E*8]
+
+The last field is the Pallas attention kernel's work table (`kernels/attention_work.py`),
+present only when the layout carries its plan: built here once per step, read by every layer.
 
 Two buffers per bucket, used in turn: with overlapped scheduling the next step is written
 while the previous one may still read its own (on CPU jax may alias a numpy argument instead
@@ -24,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
+
+from kernels.attention_work import WORK_COLS, WorkPlan
 
 NOT_ON_DEVICE = -1  # from_previous: this token is on the host (its value is in `tokens`)
 
@@ -53,6 +58,7 @@ class StepLayout:
     tokens: int
     rows: int
     pages_per_row: int
+    attention: WorkPlan | None = None  # the attention kernel's plan for this bucket, when it takes a work table
 
     def spans(self) -> dict[str, tuple[int, int, np.dtype]]:
         """name -> (offset, length, dtype), in buffer order."""
@@ -61,6 +67,8 @@ class StepLayout:
             n = per_token * self.tokens + per_row * self.rows + per_page * self.rows * self.pages_per_row + extra
             out[name] = (at, n, np.dtype(dtype))
             at += n
+        if self.attention is not None:
+            out["attention_work"] = (at, self.attention.rows * WORK_COLS, np.dtype(np.int32))
         return out
 
     @property
@@ -76,6 +84,8 @@ class StepLayout:
                 part = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
             fields[name] = part
         fields["block_tables"] = fields["block_tables"].reshape(self.rows, self.pages_per_row)
+        work = fields.get("attention_work")
+        fields["attention_work"] = None if work is None else work.reshape(-1, WORK_COLS)
         return fields
 
 
@@ -93,6 +103,8 @@ class HostStepBuffers:
         for name, (at, n, dtype) in self.layout.spans().items():
             views[name] = buffer[at : at + n].view(dtype)
         views["block_tables"] = views["block_tables"].reshape(self.layout.rows, self.layout.pages_per_row)
+        if "attention_work" in views:
+            views["attention_work"] = views["attention_work"].reshape(-1, WORK_COLS)
         return views
 
     def next(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:

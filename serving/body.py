@@ -29,6 +29,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.types import Empty
 
 from serving.errors import APIError, ClientDisconnected, bad_request, invalid_json, invalid_utf8
+from serving.protocol.common import RequestBody
 
 MAX_JSON_DEPTH = 64
 BODY_TIMED_OUT = "tessera.body_timed_out"  # set in the scope's state when the body timeout closed the connection
@@ -97,7 +98,7 @@ def decode_json_body(body: bytes, target: Any = Any) -> Any:
         raise bad_request(f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
                           code="too_deeply_nested")
     try:
-        return msgspec.json.decode(body, type=target, strict=True)
+        data = msgspec.json.decode(body, type=target, strict=True)
     except msgspec.ValidationError as e:
         raise _validation_exception(str(e)) from None
     except msgspec.DecodeError as e:
@@ -108,6 +109,10 @@ def decode_json_body(body: bytes, target: Any = Any) -> Any:
         raise invalid_json(str(e)) from None
     except RecursionError:  # not reachable past the depth check; kept so that it can never be a 500
         raise bad_request("the request body nests too deeply", code="too_deeply_nested") from None
+    if isinstance(data, RequestBody):
+        for param, why in data.unsupported()[:1]:
+            raise bad_request(why, param, "unsupported_parameter")
+    return data
 
 
 def nesting_exceeds(body: bytes, limit: int) -> bool:

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from models.lora import LORA_KERNELS
 from models.projection import QUANTIZATIONS
 from runtime.backend import ATTENTION_BACKENDS
 from runtime.execution_plan import LINEAR_IMPLS
@@ -94,6 +95,10 @@ class ServerConfig:
     max_loras: int = _setting(0, "LoRA adapters on the device at once (more stay in host memory, swapped in by LRU); "
                                  "0 serves no adapters")
     max_lora_rank: int = _setting(16, "the largest LoRA rank an adapter may have")
+    lora_kernel: str | None = _setting(
+        None, "LoRA products: pallas (the gathered BGMV/SGMV kernels, GPUs), xla (any device) or pallas_interpret "
+              "(the kernels interpreted, slow); default: pallas on GPUs when the model's widths are multiples of 16 "
+              "and the max LoRA rank a power of two, else xla")
     lora_modules: str | None = _setting(None, "adapters to load at start-up, e.g. 'sql=/adapters/sql,chat=/a/chat'")
     reload_drain_timeout_s: float = _setting(120.0, "model reload: seconds to wait for running requests to finish "
                                                     "before switching (the old model keeps serving past it)")
@@ -228,6 +233,8 @@ class ServerConfig:
         _require(self.attention in (None, *ATTENTION_BACKENDS), "attention", self.attention,
                  f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         _require(self.linear in (None, *LINEAR_IMPLS), "linear", self.linear, f"must be one of {', '.join(LINEAR_IMPLS)}")
+        _require(self.lora_kernel in (None, *LORA_KERNELS), "lora_kernel", self.lora_kernel,
+                 f"must be one of {', '.join(LORA_KERNELS)}")
         _require(0 <= self.log_sample_ratio <= 1, "log_sample_ratio", self.log_sample_ratio, "must be in [0, 1]")
         _require(0 <= self.grpc_port <= 65535, "grpc_port", self.grpc_port, "must be in [0, 65535]")
         _require(self.lease_ttl_s >= 1, "lease_ttl_s", self.lease_ttl_s, "must be >= 1 (etcd's granularity)")
@@ -308,6 +315,7 @@ class ServerConfig:
             linear=self.linear,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
+            lora_kernel=self.lora_kernel,
         )
 
     def lora_module_paths(self) -> dict[str, str]:

@@ -68,6 +68,7 @@ def invalid_utf8(exc: UnicodeDecodeError) -> APIError:
 
 _FIELD_AT_START = re.compile(r"^([a-z_]+)=")
 _MISSING_FIELD = re.compile(r"^Object missing required field `(\w+)`")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.+)`$", re.DOTALL)
 _CONTEXT_MESSAGES = ("prompt has", "max_tokens=", "prompt plus max_tokens")
 
 
@@ -96,6 +97,11 @@ def _validation_error(_: Request, exc: ValidationException) -> Response:
     key, message = first.get("key"), first.get("message")
     if key == "data" and message == "'data'":  # Litestar's words for an empty body
         return bad_request("the request body is empty; expected a JSON object").to_response()
+    unknown = _UNKNOWN_FIELD.match(message or "")
+    if unknown:  # a field no endpoint of Tessera knows: named, never ignored
+        param = f"{key}.{unknown.group(1)}" if key and key != "data" else unknown.group(1)
+        return bad_request(f"unrecognized request field `{param}`: Tessera does not support it", param,
+                           "unsupported_parameter").to_response()
     missing = _MISSING_FIELD.match(message or "")
     if key == "data" and missing:
         return bad_request(f"{missing.group(1)} is required", param=missing.group(1)).to_response()

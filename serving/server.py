@@ -54,6 +54,7 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     from runtime.async_engine import AsyncEngine
     from runtime.compile_cache import enable_compilation_cache
     from runtime.engine import Engine
+    from serving.adapter_source import adapter_folder
 
     check_trust(config, model_dir)
     enable_compilation_cache(config.compilation_cache_dir)
@@ -69,8 +70,8 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
 
         apply_pool_fraction(engine_config.gpu_memory_utilization)  # before jax starts a GPU backend, if it has not
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
-    for adapter, path in config.lora_module_paths().items():
-        engine.adapters.load(adapter, path)  # a refused adapter stops start-up (AdapterError), naming it
+    for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
+        engine.adapters.load(adapter, adapter_folder(config, adapter, path))
     if config.warm_up:
         engine.warm_up()
     name = served_name(config, model_dir)
@@ -95,7 +96,7 @@ def with_cpu_fallback(primary: EngineClient, platform: str, backend: str, config
         from runtime.engine import Engine
 
         engine_config = config.engine_config()  # no KV tiers: their folder belongs to the primary
-        engine_config.attention_backend = engine_config.linear = None  # the CPU's own choices
+        engine_config.attention_backend = engine_config.linear = engine_config.lora_kernel = None  # the CPU's own choices
         engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, devices=jax.devices("cpu"))
         if config.warm_up:
             engine.warm_up()

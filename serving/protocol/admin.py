@@ -7,6 +7,7 @@ from typing import Any, Literal
 from msgspec import Struct
 
 from serving.protocol.chat import ChatMessage
+from serving.protocol.common import RequestBody
 
 
 class ModelCard(Struct):
@@ -28,7 +29,7 @@ class ModelList(Struct):
     object: Literal["list"] = "list"
 
 
-class TokenizeRequest(Struct, kw_only=True):
+class TokenizeRequest(RequestBody, kw_only=True):
     """vLLM's shape: exactly one of `prompt` and `messages`."""
 
     model: str | None = None
@@ -48,7 +49,7 @@ class TokenizeResponse(Struct):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(Struct, kw_only=True):
+class DetokenizeRequest(RequestBody, kw_only=True):
     tokens: list[int]
     model: str | None = None
 

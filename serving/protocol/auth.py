@@ -7,7 +7,7 @@ from typing import Literal
 from msgspec import Struct
 
 
-class CreateKeyRequest(Struct, kw_only=True):
+class CreateKeyRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     tenant: str
     scopes: list[str]
     expires_in: str | None = None
@@ -44,7 +44,7 @@ class KeyList(Struct):
     object: Literal["list"] = "list"
 
 
-class TenantLimits(Struct, kw_only=True):
+class TenantLimits(Struct, kw_only=True, forbid_unknown_fields=True):
     """A tenant's limits per minute; null: unlimited."""
 
     rpm: int | None = None

@@ -6,23 +6,42 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_LOGPROBS, PositiveInt, PromptLogprob, SamplingFields, Usage
+from serving.protocol.common import MAX_LOGPROBS, PositiveInt, PromptLogprob, RequestBody, SamplingFields, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class ContentPart(Struct, kw_only=True):
+class ContentPart(RequestBody, kw_only=True):
     type: str
-    """Only "text" is served."""
+    """Only "text" is served; the other kinds' fields are named so their refusal can say why."""
     text: str | None = None
+    image_url: Any | None = None
+    input_audio: Any | None = None
+    file: Any | None = None
+    refusal: str | None = None
 
 
-class ChatMessage(Struct, kw_only=True):
+class ChatMessage(RequestBody, kw_only=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # What the openai client's own assistant message holds, so a conversation replayed from
+    # `message.model_dump()` is accepted; none of them reaches the chat template.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any | None = None
+    function_call: Any | None = None
+    reasoning_content: str | None = None
+    """vLLM's reasoning text of an earlier turn; templates drop it, so does Tessera."""
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        if self.audio is not None:
+            return [("audio", "audio in messages is not supported")]
+        if self.function_call is not None:
+            return [("function_call", "function_call in messages is not supported; use tool_calls")]
+        return []
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -55,6 +74,23 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables for the chat template."""
+    store: bool | None = None
+    """OpenAI's stored completions: only false (or unset) is accepted, nothing is stored."""
+    reasoning_effort: str | None = None
+    """Not supported (no reasoning models are served)."""
+    verbosity: str | None = None
+    """Not supported."""
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        found = []
+        if self.store:
+            found.append(("store", "store=true is not supported: Tessera keeps no chat completions"))
+        for name in ("reasoning_effort", "verbosity"):
+            if getattr(self, name) is not None:
+                found.append((name, f"{name} is not supported"))
+        for i, message in enumerate(self.messages):
+            found += [(f"messages[{i}].{param}", why) for param, why in message.unsupported()]
+        return found
 
 
 class ChatLogprobTop(Struct):
@@ -96,7 +132,7 @@ class ChatCompletionResponse(Struct):
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
-    """vLLM's, when asked for: the rendered prompt's tokens (not streamed)."""
+    """vLLM's, when asked for: the rendered prompt's tokens (streamed: on one chunk)."""
 
 
 class ChatDelta(Struct, omit_defaults=True):
@@ -120,3 +156,10 @@ class ChatCompletionChunk(Struct):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+
+
+class ChatCompletionPromptChunk(ChatCompletionChunk, kw_only=True):
+    """The one chunk of a stream that carries vLLM's `prompt_logprobs` (the first one after the
+    prompt is computed), so that the other chunks do not each carry a null field."""
+
+    prompt_logprobs: list[dict[str, PromptLogprob] | None]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -50,14 +50,45 @@ class Usage(Struct):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class StreamOptions(Struct, kw_only=True):
+class RequestBody(Struct, kw_only=True, forbid_unknown_fields=True):
+    """An API request body: a field Tessera does not know is a 400 naming it, never ignored.
+
+    Fields it knows but serves only in part say so in `unsupported()`, which the body reader
+    (serving/body.py) calls after decoding: [(param, why)], the first one answered as a 400."""
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        return []
+
+
+class StreamOptions(RequestBody, kw_only=True):
     include_usage: bool = False
     """A last chunk with `usage` and no choices, before `[DONE]`."""
     continuous_usage_stats: bool = False
     """vLLM's: `usage` so far in every chunk."""
+    include_obfuscation: bool | None = None
+    """OpenAI's padding of stream events against length side channels; accepted, not added."""
 
 
-class SamplingFields(Struct, kw_only=True):
+ServiceTier = Literal["auto", "default"]
+"""OpenAI's processing tiers; Tessera has one, so only the two names that mean "the usual"."""
+
+
+class OpenAIRequestFields(RequestBody, kw_only=True):
+    """OpenAI request fields that name or tag a request and change nothing in what is generated.
+
+    Accepted so that clients and agent frameworks that send them work; none is stored."""
+
+    user: ShortText | None = None
+    safety_identifier: ShortText | None = None
+    """OpenAI's successor of `user`."""
+    metadata: dict[str, str] | None = None
+    """Tags for OpenAI's stored completions; nothing is stored here."""
+    service_tier: ServiceTier | None = None
+    prompt_cache_key: ShortText | None = None
+    """A routing hint for OpenAI's cache; Tessera's prefix cache needs none."""
+
+
+class SamplingFields(OpenAIRequestFields, kw_only=True):
     """Fields common to /v1/completions and /v1/chat/completions: OpenAI's, then vLLM's extras."""
 
     model: ShortText | None = None
@@ -70,7 +101,6 @@ class SamplingFields(Struct, kw_only=True):
     """An int64 (OpenAI's type), taken modulo 2**32."""
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: ShortText | None = None
     presence_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0
     logit_bias: dict[str, float] | None = None

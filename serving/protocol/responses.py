@@ -1,16 +1,16 @@
-"""POST /v1/responses: OpenAI's Responses API (the request; the response is built as a dict in
+"""/v1/responses: OpenAI's Responses API (the request and the deletion; the response is built as a dict in
 serving/routes/responses.py, in the shape the openai client reads)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from serving.protocol.common import MAX_TEMPERATURE, PositiveInt, ShortText
+from serving.protocol.common import MAX_TEMPERATURE, PositiveInt, RequestBody, ServiceTier, ShortText, StreamOptions
 
 
-class ResponsesRequest(Struct, kw_only=True):
+class ResponsesRequest(RequestBody, kw_only=True):
     input: str | Annotated[list[dict[str, Any]], Meta(min_length=1)]
     """A user message, or items: messages ({"role", "content"}), "function_call" and
     "function_call_output"."""
@@ -40,3 +40,33 @@ class ResponsesRequest(Struct, kw_only=True):
     """Not supported."""
     truncation: str | None = None
     """"disabled" only."""
+    safety_identifier: ShortText | None = None
+    service_tier: ServiceTier | None = None
+    prompt_cache_key: ShortText | None = None
+    """A routing hint for OpenAI's cache; Tessera's prefix cache needs none."""
+    include: list[str] | None = None
+    """Extra output data (encrypted reasoning, logprobs...): none is offered, so only an empty list."""
+    stream_options: StreamOptions | None = None
+    max_tool_calls: PositiveInt | None = None
+    """Not supported."""
+    conversation: Any | None = None
+    """Not supported (OpenAI's server-side conversations); use previous_response_id."""
+    prompt: Any | None = None
+    """Not supported (OpenAI's stored prompt templates)."""
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        found = [(name, f"{name} is not supported on /v1/responses{hint}")
+                 for name, hint in (("max_tool_calls", ""), ("conversation", "; use previous_response_id"),
+                                    ("prompt", " (stored prompt templates)"))
+                 if getattr(self, name) is not None]
+        if self.include:
+            found.append(("include", "include is not supported: no extra output data is offered"))
+        return found
+
+
+class ResponseDeleted(Struct):
+    """DELETE /v1/responses/{id}'s answer, as OpenAI's."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True

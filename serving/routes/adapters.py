@@ -4,11 +4,14 @@ adapter-manager), their state (GET /debug/adapters, read), and the base model's 
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Request, get, post
 
 from models.lora import AdapterError
 from ops.audit import audit_event
 from runtime.adapters import AdapterManager, AdapterNotFound, AdapterVersion
+from serving.adapter_source import adapter_folder
 from serving.auth.guard import needs, principal_of
 from serving.auth.principal import ADAPTER_MANAGER, ADMIN, READ
 from serving.errors import bad_request
@@ -41,7 +44,8 @@ class LoraAdaptersController(Controller):
             raise bad_request(f"lora_name must be a non-empty name other than the base model's `{server.model_name}`",
                               "lora_name")
         try:
-            version = await host.load_adapter(name, data.lora_path)
+            folder = await asyncio.to_thread(adapter_folder, server.config, name, data.lora_path)
+            version = await host.load_adapter(name, folder)
         except AdapterError as e:
             _audit(request, "adapter.load", "failure", name, reason=str(e))
             raise bad_request(f"the adapter `{name}` was not loaded: {e}", "lora_path", "invalid_adapter") from None

@@ -18,6 +18,7 @@ from serving.protocol.chat import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionPromptChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
@@ -118,10 +119,19 @@ async def _events(server: ServerState, generation: Generation, data: ChatComplet
     final_usage, every_chunk = usage_fields(data)
     top = (data.top_logprobs or 0) if data.logprobs else None
     model = generation.record.model
+    prompt_pending = data.prompt_logprobs is not None
 
     def chunk(choices: list[ChatChunkChoice]) -> bytes:
-        return sse_event(ChatCompletionChunk(response_id, created, model, choices,
-                                             generation.usage() if every_chunk else None))
+        nonlocal prompt_pending
+        usage = generation.usage() if every_chunk else None
+        # vLLM's prompt_logprobs ride on the first chunk sent once the engine has given them
+        # (they come with the first token; the role chunks go out before).
+        if prompt_pending and 0 in generation.prompt_logprobs:
+            prompt_pending = False
+            return sse_event(ChatCompletionPromptChunk(
+                response_id, created, model, choices, usage,
+                prompt_logprobs=vllm_prompt_logprobs(server, generation.prompt_logprobs[0], data.prompt_logprobs)))
+        return sse_event(ChatCompletionChunk(response_id, created, model, choices, usage))
 
     for index in range(data.n):  # the role first, as OpenAI does
         yield chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
@@ -214,8 +224,5 @@ def _refuse_unsupported(data: ChatCompletionRequest) -> None:
             raise bad_request(f"{name} is not supported{hint}", name, "unsupported_parameter")
     if data.modalities is not None and data.modalities != ["text"]:
         raise bad_request('modalities must be ["text"]', "modalities", "unsupported_parameter")
-    if data.prompt_logprobs is not None and data.stream:
-        raise bad_request("prompt_logprobs is answered only without streaming on this endpoint", "prompt_logprobs",
-                          "unsupported_parameter")
     if data.top_logprobs is not None and not data.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")

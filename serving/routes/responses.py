@@ -1,10 +1,12 @@
-"""POST /v1/responses: OpenAI's Responses API over the chat pipeline.
+"""/v1/responses: OpenAI's Responses API over the chat pipeline; stored responses read back and deleted.
 
 The input (a string or items) becomes chat messages, `instructions` a system message first,
 function tools and `text.format` the chat endpoint's tools and structured output; the answer is
 a `response` object whose output holds a message and/or function calls. Streaming sends the
 events the openai client reads (`response.created`, `response.output_item.added`,
 `response.output_text.delta`, `response.function_call_arguments.delta`, ..., `response.completed`).
+`GET /v1/responses/{id}` answers a stored response's object as create answered it (its final
+state when streamed); `DELETE` forgets it. Both see only the caller's tenant's responses.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, Response, post
+from litestar import Controller, Request, Response, delete, get, post
 
 from serving.auth.guard import needs
 from serving.auth.principal import GENERATE
@@ -26,7 +28,8 @@ from serving.middleware import request_record
 from serving.prompts import render_chat
 from serving.protocol.chat import ChatCompletionRequest
 from serving.protocol.common import encode_json
-from serving.protocol.responses import ResponsesRequest
+from serving.protocol.responses import ResponseDeleted, ResponsesRequest
+from serving.response_store import StoredResponse
 from serving.routes.common import ERROR_RESPONSES, sse_response, start_generation, tokenize_stage
 from serving.routes.chat import plain_messages
 from serving.routes.guarded import ChoiceStream, RequestGuard
@@ -51,11 +54,7 @@ class ResponsesController(Controller):
         tenant = request_record(request.scope).tenant
         history: list[dict] = []
         if data.previous_response_id is not None:
-            history = server.responses.get(tenant, data.previous_response_id)
-            if history is None:
-                raise APIError(404, f"no stored response {data.previous_response_id[:64]!r} (responses made with "
-                               "store=false, or pushed out of this server's bounded store, cannot be continued)",
-                               param="previous_response_id", code="response_not_found")
+            history = _stored(server, tenant, data.previous_response_id, "previous_response_id").messages
         turns = history + _input_messages(data.input)
         chat = _as_chat(data, ([{"role": "system", "content": data.instructions}] if data.instructions else []) + turns)
         template = server.tokenizer.chat_template
@@ -93,9 +92,24 @@ class ResponsesController(Controller):
         if guard is not None:
             answer = await guard.check_output(answer)
         output = _output_items(answer, plan)
-        _remember(server, data, tenant, shell.id, turns, output)
         body = shell.body("completed" if choice.finish_reason != "length" else "incomplete", output, _usage(generation))
+        _remember(server, data, tenant, shell.id, turns, output, body)
         return Response(body, headers=guard.headers()) if guard is not None else body
+
+
+    @get("/{response_id:str}", operation_id="getResponse", responses=ERROR_RESPONSES,
+         summary="A stored response, as its create call answered it")
+    async def retrieve(self, request: Request, response_id: str, server: ServerState) -> dict:
+        _refuse_retrieve_options(request)
+        return _stored(server, request_record(request.scope).tenant, response_id, None).body
+
+    @delete("/{response_id:str}", operation_id="deleteResponse", status_code=200, responses=ERROR_RESPONSES,
+            summary="Forget a stored response: it can no longer be retrieved or continued")
+    async def remove(self, request: Request, response_id: str, server: ServerState) -> ResponseDeleted:
+        tenant = request_record(request.scope).tenant
+        _stored(server, tenant, response_id, None)  # 404 when unknown
+        server.responses.delete(tenant, response_id)
+        return ResponseDeleted(response_id)
 
 
 class _Shell:
@@ -142,10 +156,19 @@ def _output_items(text: str, plan: ToolPlan | None) -> list[dict]:
 
 
 def _remember(server: ServerState, data: ResponsesRequest, tenant: str, response_id: str, turns: list[dict],
-              output: list[dict]) -> None:
+              output: list[dict], body: dict) -> None:
     if not data.store:
         return
-    server.responses.put(tenant, response_id, turns + _input_messages(output))
+    server.responses.put(tenant, response_id, StoredResponse(turns + _input_messages(output), body))
+
+
+def _stored(server: ServerState, tenant: str, response_id: str, param: str | None) -> StoredResponse:
+    stored = server.responses.get(tenant, response_id)
+    if stored is None:
+        raise APIError(404, f"no stored response {response_id[:64]!r} (responses made with store=false, deleted, "
+                       "or pushed out of this server's bounded store are not kept)", param=param,
+                       code="response_not_found")
+    return stored
 
 
 async def _events(server: ServerState, generation: Generation, shell: _Shell, plan: ToolPlan | None,
@@ -207,9 +230,10 @@ async def _events(server: ServerState, generation: Generation, shell: _Shell, pl
                 yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                             part=part)
             yield event("response.output_item.done", output_index=index, item=item)
-    _remember(server, shell.data, tenant, shell.id, turns, output)
     status = "incomplete" if finish == "length" else "completed"
-    yield event(f"response.{status}", response=shell.body(status, output, _usage(generation)))
+    body = shell.body(status, output, _usage(generation))
+    _remember(server, shell.data, tenant, shell.id, turns, output, body)
+    yield event(f"response.{status}", response=body)
 
 
 def _input_messages(value: str | list[dict[str, Any]]) -> list[dict]:
@@ -292,6 +316,26 @@ def _chat_format(text: dict) -> dict:
     if fmt.get("type") in ("text", "json_object"):
         return {"type": fmt["type"]}
     raise bad_request("text.format.type must be text, json_object or json_schema", "text.format.type")
+
+
+def _refuse_retrieve_options(request: Request) -> None:
+    """GET's query: `stream=true` (replaying a background response's events) and `include` (extra
+    output such as logprobs or encrypted reasoning) are refused by name; `include_obfuscation` and
+    `starting_after` only shape a stream, so without one they change nothing, as at OpenAI."""
+    query = request.query_params
+    stream = query.get("stream")
+    if stream is not None:
+        if stream.lower() not in ("true", "false"):
+            raise bad_request(f"stream must be true or false, got {stream[:20]!r}", "stream")
+        if stream.lower() == "true":
+            raise bad_request("streaming a stored response is not supported (there are no background responses)",
+                              "stream", "unsupported_parameter")
+    included = query.getall("include", []) + query.getall("include[]", [])
+    if included:
+        raise bad_request(f"include is not supported, got {included[0][:60]!r}", "include", "unsupported_parameter")
+    after = query.get("starting_after")
+    if after is not None and not after.isdigit():
+        raise bad_request(f"starting_after must be a sequence number, got {after[:20]!r}", "starting_after")
 
 
 def _refuse_unsupported(data: ResponsesRequest) -> None:

@@ -23,6 +23,9 @@ ROUTES = {
     ("POST", "/v1/completions"): ("/v1/completions", PROMPT, 200),
     ("POST", "/v1/chat/completions"): ("/v1/chat/completions", CHAT, 200),
     ("POST", "/v1/responses"): ("/v1/responses", {"input": "hello", "max_output_tokens": 1, "temperature": 0}, 200),
+    # No stored response of that id: a permitted caller gets the 404 (response_not_found), never 401/403.
+    ("GET", "/v1/responses/{response_id:str}"): ("/v1/responses/resp_matrix", None, 404),
+    ("DELETE", "/v1/responses/{response_id:str}"): ("/v1/responses/resp_matrix", None, 404),
     ("GET", "/v1/models"): ("/v1/models", None, 200),
     ("POST", "/tokenize"): ("/tokenize", {"prompt": "hello"}, 200),
     ("POST", "/detokenize"): ("/detokenize", {"tokens": [1, 2]}, 200),

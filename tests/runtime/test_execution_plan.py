@@ -108,3 +108,25 @@ def test_the_engine_logs_its_plan_once_and_serves_the_same_tokens_on_each(checkp
         tokens[linear] = [done[r.request_id][0].token_ids for r in requests]
     assert tokens["cpu"] == tokens["xla"]
     assert [len(t) for t in tokens["xla"]] == [6, 6, 6]
+
+
+def test_lora_products_take_the_kernels_on_gpus_that_suit_them(checkpoint, cfg):
+    head64 = ModelConfig.from_dir(checkpoint("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=64))
+    gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")]), size=1)
+    lora = dict(max_loras=4, max_lora_rank=16)
+    assert choose_plan(EngineConfig(**lora), head64, "bfloat16", gpu).labels()["lora"] == "pallas"
+    # a rank the kernels cannot take: the XLA product serves it, unless the kernels were asked for
+    assert choose_plan(EngineConfig(max_loras=4, max_lora_rank=24), head64, "bfloat16", gpu).lora == "xla"
+    with pytest.raises(BackendError, match="LoRA kernel 'pallas' cannot serve this model: max LoRA rank 24"):
+        choose_plan(EngineConfig(max_loras=4, max_lora_rank=24, lora_kernel="pallas"), head64, "bfloat16", gpu)
+    assert choose_plan(EngineConfig(**lora), cfg, "float32", make_mesh(1)).labels() == _labels(lora="xla")
+    assert "lora" not in choose_plan(EngineConfig(), cfg, "float32", make_mesh(1)).labels()  # no adapters served
+    with pytest.raises(BackendError, match="LoRA kernel 'pallas' needs a CUDA GPU"):
+        choose_plan(EngineConfig(lora_kernel="pallas", **lora), cfg, "float32", make_mesh(1))
+    forced = EngineConfig(lora_kernel="pallas_interpret", **lora)
+    assert choose_plan(forced, cfg, "float32", make_mesh(1)).lora == "pallas_interpret"
+    # on a mesh XLA splits the product with the weights; the kernels run on one device only
+    gpus = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * 2), size=2)
+    assert choose_plan(EngineConfig(**lora), head64, "bfloat16", gpus).lora == "xla"
+    with pytest.raises(BackendError, match="LoRA kernel 'pallas_interpret' runs on one device; with tensor parallel 2"):
+        choose_plan(forced, cfg, "float32", make_mesh(2))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import lora
 from models.lora import AdapterError
 from runtime.adapters import AdapterNotFound
 from runtime.config import EngineConfig
@@ -67,16 +68,42 @@ def expected(adapters):
     return answers
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["series", "overlapped"])
-def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, overlap):
+@pytest.mark.parametrize("overlap, kernel, max_rank", [
+    (False, "xla", 8), (True, "xla", 8),
+    # the Pallas kernels (kernels/lora_bgmv.py) in the interpreter: rank 8 takes the per-token
+    # BGMV form; rank 16 with the 32-token bucket the 16-token SGMV form
+    (False, "pallas_interpret", 8), (False, "pallas_interpret", 16),
+], ids=["series", "overlapped", "bgmv-interpreted", "sgmv-interpreted"])
+def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, overlap, kernel, max_rank,
+                                                           monkeypatch):
     folder, paths = adapters
-    engine = _engine(folder, async_scheduling=overlap)
+    if kernel != "xla":  # the kernels, not the XLA product, must be what runs
+        monkeypatch.setattr(lora, "lora_delta", lambda *a: pytest.fail("the XLA LoRA product ran"))
+    engine = _engine(folder, async_scheduling=overlap, lora_kernel=kernel, max_lora_rank=max_rank)
+    assert engine.plan.lora == kernel
     for name, path in paths.items():
         engine.adapters.load(name, path)
     for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
         engine.add_request(p, SamplingParams(max_tokens=10, **GREEDY), request_id=f"r{i}", adapter=a or "")
     done = engine.run_to_completion()
     assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
+
+
+def test_tensor_parallel_serves_the_same_tokens_as_peft(adapters, expected):
+    # Two CPU devices: the weights split by heads and MLP columns, the adapter stacks
+    # replicated, the products split by XLA with the weights they add to.
+    folder, paths = adapters
+    engine = Engine.from_model_dir(folder, tensor_parallel=2, config=EngineConfig(
+        block_size=4, max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(32,), num_blocks=64, max_loras=2,
+        max_lora_rank=8))
+    assert (engine.model.mesh.size, engine.plan.lora) == (2, "xla")
+    for name, path in paths.items():
+        engine.adapters.load(name, path)
+    for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
+        engine.add_request(p, SamplingParams(max_tokens=10, **GREEDY), request_id=f"r{i}", adapter=a or "")
+    done = engine.run_to_completion()
+    assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
+    assert len(engine.adapters.stacks["q_proj"]["a"].sharding.device_set) == 2
 
 
 def test_slots_evict_by_lru_and_loading_never_compiles(adapters):

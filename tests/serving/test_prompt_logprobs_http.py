@@ -1,6 +1,6 @@
 """Prompt logprobs over HTTP with the official openai client: lm-eval's loglikelihood requests
 (`echo` + `logprobs` + `max_tokens` 1 or 0, token-id prompts in a batch), vLLM's
-`prompt_logprobs` on both endpoints, and the refusals."""
+`prompt_logprobs` on both endpoints (streamed too), and the refusals."""
 
 from __future__ import annotations
 
@@ -94,12 +94,26 @@ def test_vllm_prompt_logprobs_on_both_endpoints(openai_client, base_url, log_sof
     assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in given[1:])
 
 
+def test_streamed_chat_carries_prompt_logprobs_once(openai_client):
+    """On the first chunk after the prompt is computed (not the role chunk), equal to the whole
+    answer's; no other chunk has the field."""
+    args = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "hello there"}], max_tokens=4, temperature=0,
+                extra_body={"prompt_logprobs": 2})
+    whole = openai_client.chat.completions.create(**args)
+    chunks = list(openai_client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    carrying = [i for i, c in enumerate(chunks) if "prompt_logprobs" in (c.model_extra or {})]
+    assert carrying == [1] and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[1].model_extra["prompt_logprobs"] == whole.model_extra["prompt_logprobs"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == len(whole.model_extra["prompt_logprobs"])
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "hi", "prompt_logprobs": "2"}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": -1}, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 21,
                               "stream": True}, "prompt_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": -1},
      "prompt_logprobs"),

@@ -26,9 +26,8 @@ def post(base_url: str, path: str, body: bytes, content_type: str | None = "appl
                          ids=["text", "form", "none"])
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT, "/tokenize"])
 def test_json_endpoints_want_application_json(base_url, path, content_type):
-    body = b'{"prompt": "Hi", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}'
-    if path == "/tokenize":
-        body = b'{"prompt": "Hi"}'
+    body = {COMPLETIONS: b'{"prompt": "Hi", "max_tokens": 1}',
+            CHAT: b'{"max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}'}.get(path, b'{"prompt": "Hi"}')
     error = assert_error(post(base_url, path, body, content_type), 415, code="unsupported_media_type")
     assert "Content-Type: application/json" in error["message"]
     assert post(base_url, path, body, "application/json; charset=utf-8").status_code == 200

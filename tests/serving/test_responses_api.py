@@ -1,14 +1,21 @@
 """/v1/responses with the official openai client: text and items as input, instructions,
-streaming events, previous_response_id with store and store=false, text.format, refusals."""
+streaming events, previous_response_id with store and store=false, text.format, refusals;
+stored responses read back and deleted (GET and DELETE /v1/responses/{id}), per tenant."""
 
 from __future__ import annotations
 
 import json
 
 import httpx
+import openai
 import pytest
 
-from tests.serving.conftest import MODEL_NAME, assert_error
+from serving.app import create_app
+from serving.auth.access import build_access
+from serving.config import ServerConfig
+from tests.serving.conftest import MODEL_NAME, SERVER, assert_error, start_server
+
+ADMIN_KEY = "responses-bootstrap-admin-key-0123456789abcdef"
 
 
 def test_create_with_string_input_and_instructions(openai_client):
@@ -83,3 +90,103 @@ def test_text_format_json_schema(openai_client):
 ])
 def test_bad_responses_requests_get_openai_errors(base_url, body, status, param):
     assert_error(httpx.post(f"{base_url}/v1/responses", json=body), status, param=param)
+
+
+# -- stored responses: GET and DELETE /v1/responses/{id} ----------------------------------------
+
+
+def test_retrieve_answers_the_stored_response(openai_client):
+    created = openai_client.responses.create(model=MODEL_NAME, input="Keep this", instructions="Be brief.",
+                                             max_output_tokens=5, temperature=0, metadata={"k": "v"})
+    got = openai_client.responses.retrieve(created.id)
+    assert got.model_dump() == created.model_dump()
+    assert got.output_text == created.output_text and got.metadata == {"k": "v"} and got.status == "incomplete"
+
+    # A streamed response is kept in its final state, the one its last event carried.
+    events = list(openai_client.responses.create(model=MODEL_NAME, input="Keep this too", max_output_tokens=5,
+                                                 temperature=0, stream=True))
+    final = events[-1].response
+    streamed = openai_client.responses.retrieve(final.id)
+    assert streamed.model_dump() == final.model_dump() and streamed.output_text
+
+
+def test_delete_forgets_the_response(openai_client, base_url):
+    created = openai_client.responses.create(model=MODEL_NAME, input="Forget me", max_output_tokens=2)
+    response = httpx.delete(f"{base_url}/v1/responses/{created.id}")
+    assert response.status_code == 200 and response.json() == {"id": created.id, "object": "response",
+                                                               "deleted": True}
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_client.responses.retrieve(created.id)
+    assert raised.value.code == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        openai_client.responses.delete(created.id)  # the second time: gone
+    with pytest.raises(openai.NotFoundError):  # and it cannot be continued
+        openai_client.responses.create(model=MODEL_NAME, input="x", previous_response_id=created.id)
+
+    kept = openai_client.responses.create(model=MODEL_NAME, input="Delete me", max_output_tokens=2)
+    assert openai_client.responses.delete(kept.id) is None  # the client's own delete: no body to read
+    assert_error(httpx.get(f"{base_url}/v1/responses/{kept.id}"), 404, param=None, code="response_not_found")
+
+
+def test_unstored_responses_cannot_be_retrieved_or_deleted(openai_client, base_url):
+    unstored = openai_client.responses.create(model=MODEL_NAME, input="x", max_output_tokens=2, store=False)
+    assert_error(httpx.get(f"{base_url}/v1/responses/{unstored.id}"), 404, param=None, code="response_not_found")
+    assert_error(httpx.delete(f"{base_url}/v1/responses/{unstored.id}"), 404, param=None, code="response_not_found")
+
+
+@pytest.mark.parametrize("query, param, code", [
+    ("stream=true", "stream", "unsupported_parameter"),
+    ("stream=maybe", "stream", None),
+    ("include[]=message.output_text.logprobs", "include", "unsupported_parameter"),
+    ("include=reasoning.encrypted_content", "include", "unsupported_parameter"),
+    ("starting_after=x", "starting_after", None),
+])
+def test_bad_retrieve_queries_get_openai_errors(openai_client, base_url, query, param, code):
+    created = openai_client.responses.create(model=MODEL_NAME, input="x", max_output_tokens=1)
+    assert_error(httpx.get(f"{base_url}/v1/responses/{created.id}?{query}"), 400, param=param, code=code)
+    # What only shapes a stream changes nothing without one, as at OpenAI.
+    plain = httpx.get(f"{base_url}/v1/responses/{created.id}?stream=false&include_obfuscation=true&starting_after=3")
+    assert plain.status_code == 200 and plain.json()["id"] == created.id
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+@pytest.mark.parametrize("response_id", ["resp_unknown", "x" * 300, "resp_%20spaced"])
+def test_unknown_ids_are_404s(base_url, method, response_id):
+    assert_error(httpx.request(method, f"{base_url}/v1/responses/{response_id}"), 404, param=None,
+                 code="response_not_found")
+
+
+def test_other_methods_on_a_stored_response_are_405s(openai_client, base_url):
+    created = openai_client.responses.create(model=MODEL_NAME, input="x", max_output_tokens=1)
+    assert_error(httpx.put(f"{base_url}/v1/responses/{created.id}", json={}), 405)
+
+
+def test_stored_responses_are_per_tenant(engine, tmp_path):
+    """Another tenant's response is unknown to a caller (even an admin's key of another tenant):
+    404, never its content, and it cannot delete it."""
+    config = ServerConfig(**SERVER, auth="on", key_store=str(tmp_path / "keys.json"))
+    live = start_server(create_app(engine, config, access=build_access(config, {"TESSERA_API_KEY": ADMIN_KEY})))
+    try:
+        acme, beta = (_key(live.url, tenant) for tenant in ("acme", "beta"))
+        with openai.OpenAI(base_url=f"{live.url}/v1", api_key=acme, max_retries=0, timeout=60) as client:
+            created = client.responses.create(model=MODEL_NAME, input="Mine", max_output_tokens=2)
+            path = f"{live.url}/v1/responses/{created.id}"
+            for key in (beta, ADMIN_KEY):  # the admin key's tenant is "default"
+                headers = {"authorization": f"Bearer {key}"}
+                assert_error(httpx.get(path, headers=headers), 404, code="response_not_found")
+                assert_error(httpx.delete(path, headers=headers), 404, code="response_not_found")
+                assert_error(httpx.post(f"{live.url}/v1/responses", headers=headers,
+                                        json={"input": "x", "previous_response_id": created.id}), 404,
+                             param="previous_response_id", code="response_not_found")
+            assert client.responses.retrieve(created.id).output_text == created.output_text
+            assert httpx.get(path).status_code == 401  # and nobody without credentials
+            client.responses.delete(created.id)
+    finally:
+        live.stop()
+
+
+def _key(url: str, tenant: str) -> str:
+    response = httpx.post(f"{url}/admin/keys", json={"tenant": tenant, "scopes": ["generate"]},
+                          headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 201, response.text
+    return response.json()["key"]

@@ -63,6 +63,7 @@ def test_the_execution_plan_s_choices_are_flags_with_the_old_variables_as_aliase
     ({"TESSERA_LOG_LEVEL": "loud"}, "log_level='loud' must be one of"),
     ({"TESSERA_ATTENTION": "triton"}, "attention='triton' must be one of pallas, cpu, reference, pallas_interpret"),
     ({"TESSERA_LINEAR": "amx"}, "linear='amx' must be one of xla, cpu, packed"),
+    ({"TESSERA_LORA_KERNEL": "punica"}, "lora_kernel='punica' must be one of xla, pallas, pallas_interpret"),
     ({"TESSERA_CPU_LINEAR": "yes"}, "TESSERA_CPU_LINEAR='yes' must be one of 0, 1"),
     ({"TESSERA_MAX_QUEUE": "-1"}, "max_queue=-1 must be >= 0"),
     ({"TESSERA_LOG_TENANT_SAMPLE_RATIOS": "acme=2"}, "log_tenant_sample_ratios='acme=2'"),

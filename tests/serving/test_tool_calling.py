@@ -18,6 +18,7 @@ from runtime.engine import Engine
 from serving.app import create_app
 from serving.config import ServerConfig
 from serving.tools import parse_hermes, parse_llama3_json, parse_mistral, template_inputs, tool_plan
+from tests.helpers.tool_templates import LLAMA_STYLE, QWEN_STYLE
 from tests.serving.conftest import ENGINE, MODEL_NAME, SERVER, assert_error, start_server
 
 
@@ -177,43 +178,6 @@ def test_responses_api_function_call_round_trip(openai_client):
         model=MODEL_NAME, previous_response_id=first.id, tools=tools, max_output_tokens=4,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"forecast": "sun"}'}])
     assert answer.output and answer.usage.input_tokens > first.usage.input_tokens
-
-
-# Templates in the shape of Qwen 2.5's and Llama 3.1's tool handling (written for this test).
-QWEN_STYLE = """{%- if tools %}<|im_start|>system
-# Tools
-<tools>{% for t in tools %}
-{{ t | tojson }}{% endfor %}
-</tools><|im_end|>
-{% endif %}{%- for m in messages %}
-{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
-{{ m.content }}{% for tc in m.tool_calls %}<tool_call>
-{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
-</tool_call>{% endfor %}<|im_end|>
-{% elif m.role == "tool" %}<|im_start|>user
-<tool_response>
-{{ m.content }}
-</tool_response><|im_end|>
-{% else %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% endif %}{%- endfor %}<|im_start|>assistant
-"""
-LLAMA_STYLE = """<|begin_of_text|>{%- if tools %}<|start_header_id|>system<|end_header_id|>
-Environment: ipython
-{% for t in tools %}{{ t | tojson }}
-{% endfor %}<|eot_id|>{% endif %}{%- for m in messages %}
-{%- if m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>
-
-<|python_tag|>{% for tc in m.tool_calls %}{"name": "{{ tc.function.name }}", "parameters": {{ tc.function.arguments | tojson }}}{% endfor %}<|eom_id|>
-{%- elif m.role == "tool" %}<|start_header_id|>ipython<|end_header_id|>
-
-{{ m.content }}<|eot_id|>
-{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
-
-{{ m.content }}<|eot_id|>
-{%- endif %}{%- endfor %}<|start_header_id|>assistant<|end_header_id|>
-
-"""
 
 
 @pytest.mark.parametrize("template, parser, model_says", [
