@@ -66,9 +66,14 @@ def qkv_with_rope(
     and the rows are few, else the product, the split and `apply_rope` in XLA."""
     if _kernel_rows(x, impl):
         return qkv_rope_cpu(x, w, *_cos_sin(x, positions, inv_freq), heads, kv_heads, packed=False)
+    return split_qkv_rope(linear(x, w, impl), positions, inv_freq, heads, kv_heads)
+
+
+def split_qkv_rope(qkv: Float[Array, "tokens n"], positions: Int[Array, " tokens"], inv_freq: Float[Array, " half"],
+                   heads: int, kv_heads: int) -> QKV:
+    """q and k rotated, and v, out of a fused q/k/v product's [q | k | v] columns."""
     d = 2 * inv_freq.shape[0]
-    qkv = linear(x, w, impl)
-    q, k, v = (part.reshape(x.shape[0], -1, d) for part in jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=1))
+    q, k, v = (part.reshape(qkv.shape[0], -1, d) for part in jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=1))
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 

@@ -121,8 +121,9 @@ def load_model(
 def lay_out(model: LoadedModel, layout: WeightLayout) -> LoadedModel:
     """`model`, loaded in the checkpoint layout, with its weights in `layout`: q/k/v and gate/up
     side by side, every projection read by `layout.linear`'s products (packed for the packed
-    kernel), and a tied head copied as [embed, vocab] for the CPU kernels. The checkpoint's
-    arrays are freed with the model they came in, once the caller lets it go."""
+    kernel; float8 with a scale per output channel for fp8), and a tied head copied as [embed,
+    vocab] for the CPU kernels. The checkpoint's arrays are freed with the model they came in,
+    once the caller lets it go."""
     if layout == model.layout:
         return model
     if model.layout != CHECKPOINT_LAYOUT or not layout.fused or model.mesh.size != 1:

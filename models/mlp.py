@@ -10,7 +10,7 @@ from jaxtyping import Array, Float
 
 from models.config import ModelConfig
 from models.lora import LoraLayer
-from models.projection import Dense, Packed, WeightLayout, placeholder
+from models.projection import Dense, Fp8Dense, Packed, WeightLayout, placeholder
 
 
 class MLP(nnx.Module):
@@ -50,7 +50,7 @@ class FusedMLP(nnx.Module):
     """gate and up by one product against [embed, 2 mlp]; without biases the down projection
     takes [gate | up] whole, and the packed kernel computes silu(gate) * up as it reads it."""
 
-    def __init__(self, gate_up_proj: Dense | Packed, down_proj: Dense | Packed,
+    def __init__(self, gate_up_proj: Dense | Packed | Fp8Dense, down_proj: Dense | Packed | Fp8Dense,
                  biases: tuple[nnx.Param, nnx.Param, nnx.Param] | None):
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
         self.has_bias = biases is not None

@@ -8,19 +8,22 @@ The checkpoint layout, which the loader reads on any mesh (its axes are sharded 
 - `Transposed` [out, in]: a tied head, which is the embedding table itself.
 On one device the execution plan's `WeightLayout` lays the weights out again at load
 (`models/loader.py` `lay_out`): q/k/v and gate/up side by side, each weight a `Dense` read
-by XLA or the CPU small-batch kernel, or a `Packed` bfloat16 weight for the packed kernel.
+by XLA or the CPU small-batch kernel, a `Packed` bfloat16 weight for the packed kernel, or
+an `Fp8Dense` float8 weight with a scale per output channel (`--quantization fp8`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels.packed_linear import N_STEP, pack_weight, packed_linear
 from models.config import ModelConfig
+from models.fp8 import fp8_linear, quantize_fp8
 from models.linear import (
     QKV,
     gated_linear,
@@ -31,9 +34,11 @@ from models.linear import (
     packed_gated_linear,
     packed_qkv_with_rope,
     qkv_with_rope,
+    split_qkv_rope,
 )
 
 LINEAR_IMPLS = ("xla", "cpu", "packed")
+QUANTIZATIONS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -47,20 +52,33 @@ class WeightLayout:
     fused: bool = False
     """q/k/v and gate/up as one weight each: one product streams what two or three did. One
     device only: a concatenated weight does not split by heads or MLP columns."""
+    quantization: str | None = None
+    """None: weights in the model's dtype; "fp8": the projections of every layer as float8_e4m3fn
+    with a scale per output channel (models/fp8.py), made at load. The embedding and the head
+    keep the model's dtype (as vLLM's fp8 leaves them): they decide every token."""
 
     def __post_init__(self):
         if self.linear not in LINEAR_IMPLS:
             raise ValueError(f"linear={self.linear!r} is unknown; choose one of {', '.join(LINEAR_IMPLS)}")
         if self.linear != "xla" and not self.fused:
             raise ValueError(f"the {self.linear!r} products serve fused weights (one device)")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization is not None and (self.linear != "xla" or not self.fused):
+            raise ValueError(f"{self.quantization} weights are fused (one device) and read by XLA's products, "
+                             f"not linear={self.linear!r} fused={self.fused}")
 
     @property
     def name(self) -> str:
-        """How the bytes of each weight are arranged: "dense" arrays in the model's dtype, or "packed"."""
+        """How the bytes of each weight are arranged: "dense" arrays in the model's dtype, "packed", or "fp8"."""
+        if self.quantization is not None:
+            return self.quantization
         return "packed" if self.linear == "packed" else "dense"
 
-    def projection(self, w: Float[Array, "k n"]) -> Dense | Packed:
+    def projection(self, w: Float[Array, "k n"]) -> Dense | Packed | Fp8Dense:
         """A served projection of the [in, out] weight `w`."""
+        if self.quantization == "fp8":
+            return Fp8Dense(*(nnx.Param(a) for a in quantize_fp8(w)))
         if self.linear == "packed":
             return Packed(nnx.Param(pack_weight(w)))
         return Dense(nnx.Param(w), self.linear)
@@ -152,3 +170,23 @@ class Packed(Projection):
     def qkv_rope(self, x: Float[Array, "tokens k"], positions: Int[Array, " tokens"], inv_freq: Float[Array, " half"],
                  heads: int, kv_heads: int) -> QKV:
         return packed_qkv_with_rope(x, self.weight[...], positions, inv_freq, heads, kv_heads)
+
+
+class Fp8Dense(Projection):
+    """float8_e4m3fn [out, in] with a float32 scale per output channel (`models/fp8.py`), read by
+    an FP8 product; the activations are quantized per token on the way in."""
+
+    def __init__(self, weight: nnx.Param, scale: nnx.Param):
+        super().__init__(weight)
+        self.scale = scale  # [out]
+
+    def __call__(self, x: Float[Array, "rows k"]) -> Float[Array, "rows n"]:
+        return fp8_linear(x, self.weight[...], self.scale[...])
+
+    def gated(self, gate_up: Float[Array, "rows two_m"]) -> Float[Array, "rows n"]:
+        m = gate_up.shape[1] // 2
+        return self(jax.nn.silu(gate_up[:, :m]) * gate_up[:, m:])
+
+    def qkv_rope(self, x: Float[Array, "tokens k"], positions: Int[Array, " tokens"], inv_freq: Float[Array, " half"],
+                 heads: int, kv_heads: int) -> QKV:
+        return split_qkv_rope(self(x), positions, inv_freq, heads, kv_heads)

@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 from models.linear import QKV
-from models.projection import Dense, Packed, SplitHeads, WeightLayout, placeholder
+from models.projection import Dense, Fp8Dense, Packed, SplitHeads, WeightLayout, placeholder
 from models.rope import apply_rope
 
 
@@ -42,7 +42,7 @@ class FusedQKV(nnx.Module):
     """q, k and v by one product against [embed, (heads + 2 kv_heads) * head_dim]; with the CPU
     kernels the rotary embedding is applied in the same call."""
 
-    def __init__(self, proj: Dense | Packed, heads: int, kv_heads: int):
+    def __init__(self, proj: Dense | Packed | Fp8Dense, heads: int, kv_heads: int):
         self.proj, self.heads, self.kv_heads = proj, heads, kv_heads
 
     def __call__(self, x: Float[Array, "tokens embed"]) -> QKV:

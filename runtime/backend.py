@@ -9,7 +9,8 @@ Attention:
 - `pallas_interpret`: the kernel run by the Pallas interpreter on any device, for tests and
   debugging (slow).
 Weight products (`models/linear.py`): `packed` for a bfloat16 model on one CPU whose weights
-all pack, else `cpu` on one CPU, else `xla`.
+all pack, else `cpu` on one CPU, else `xla`; `xla` for fp8 weights (`--quantization fp8`,
+`models/fp8.py`), which only XLA's products read, on one device (they are quantized fused).
 LoRA products (when adapters are served, `models/lora.py`): `pallas` (the gathered kernels of
 `kernels/lora_bgmv.py`, the default on GPUs whose shapes they take), `xla` (anywhere; the
 default elsewhere), `pallas_interpret` (tests).
@@ -29,7 +30,7 @@ from kernels.ragged_paged_attention import UnsupportedAttentionShape, check_supp
 from kernels.ragged_paged_attention_cpu import available as cpu_kernel_available
 from models.config import ModelConfig
 from models.lora import LORA_KERNELS, target_shapes
-from models.projection import LINEAR_IMPLS, packable
+from models.projection import LINEAR_IMPLS, QUANTIZATIONS, packable
 
 ATTENTION_BACKENDS = ("pallas", "cpu", "reference", "pallas_interpret")
 
@@ -68,9 +69,29 @@ def resolve_attention_backend(requested: str | None, cfg: ModelConfig, kv_dtype,
     return choice
 
 
-def resolve_linear(requested: str | None, cfg: ModelConfig, dtype, platform: str, devices: int) -> str:
+def check_quantization(quantization: str | None, requested_linear: str | None, devices: int) -> None:
+    """fp8 weights are made from the fused layout of one device and read only by XLA's products."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise BackendError(f"quantization {quantization!r} is unknown; choose one of {', '.join(QUANTIZATIONS)} "
+                           f"or leave it unset")
+    if devices > 1:
+        raise BackendError(f"quantization {quantization!r} quantizes the fused weights of one device; with tensor "
+                           f"parallel {devices} serve the model unquantized, or on one device")
+    if requested_linear not in (None, "xla"):
+        raise BackendError(f"quantization {quantization!r} weights are read by XLA's products only; linear "
+                           f"{requested_linear!r} cannot read them: use --linear xla or leave it unset")
+
+
+def resolve_linear(requested: str | None, cfg: ModelConfig, dtype, platform: str, devices: int,
+                   quantization: str | None = None) -> str:
     """The weight products: the CPU kernels need one CPU device (on a mesh each weight is split
-    by heads or MLP columns, which their fused weights would not follow) and their library."""
+    by heads or MLP columns, which their fused weights would not follow) and their library;
+    quantized weights are read by XLA (`check_quantization` refuses the rest)."""
+    check_quantization(quantization, requested, devices)
+    if quantization is not None:
+        return "xla"
     on_one_cpu = platform == "cpu" and devices == 1
     if requested is None:
         if not (on_one_cpu and cpu_kernel_available()):

@@ -43,6 +43,7 @@ from runtime.block_manager import BlockManager
 from runtime.config import EngineConfig
 from runtime.execution_plan import ExecutionPlan, choose_plan
 from runtime.faults import EngineUnrecoverable, FaultInjector
+from runtime import kv_memory
 from runtime.kv_tiers import KvTiers, StoredBlock, TierStats
 from runtime.outputs import CompletionOutput, RequestOutput, RequestTimings, SequenceText, TokenLogprob
 from runtime.request import FinishReason, Request, SamplingParams, Sequence, SequenceStatus
@@ -53,6 +54,11 @@ from runtime.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()
+
+
+def device_memory_stats(mesh) -> list[dict | None]:
+    """jax's allocator statistics of each device of the mesh (None on the CPU)."""
+    return [device.memory_stats() for device in mesh.devices.flat]
 
 
 @dataclass
@@ -107,9 +113,23 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.plan: ExecutionPlan = choose_plan(config, model.cfg, model.dtype, model.mesh)
         log.info("execution plan: %s", self.plan)
+        # A model in the checkpoint layout is laid out here, and its arrays stay on the device until
+        # the caller lets go, after the KV cache was sized: `served_layout` first frees them sooner.
         self.model, self.tokenizer = lay_out(model, self.plan.weights), tokenizer
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+        # With tensor parallelism the stacks are replicated: XLA splits the products as it
+        # splits the weights they add to (runtime/backend.py keeps the kernels to one device).
+        replicated = NamedSharding(model.mesh, PartitionSpec()) if model.mesh.size > 1 else None
+        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype, replicated)
+                         if config.max_loras else None)
+        # The cache is allocated once its size is known: from the device's memory, that needs the
+        # weights and adapter slots in place and the step's workspace (runtime/kv_memory.py).
+        self.runner = Runner(
+            self.model, self.plan, None, config.block_size, config.max_num_seqs, self.max_model_len,
+            config.resolved_token_buckets(), self.adapters,
+        )
         num_blocks = config.num_blocks or self._blocks_for_memory(config)
+        self.runner.allocate_cache(num_blocks)
         self.blocks = BlockManager(num_blocks, config.block_size, config.model_id, config.enable_prefix_caching,
                                    max_events=config.max_kv_events)
         limits = SchedulerLimits(
@@ -117,15 +137,6 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.blocks)
         self.scheduler.admission_gate = self._may_start
-        # With tensor parallelism the stacks are replicated: XLA splits the products as it
-        # splits the weights they add to (runtime/backend.py keeps the kernels to one device).
-        replicated = NamedSharding(model.mesh, PartitionSpec()) if model.mesh.size > 1 else None
-        self.adapters = (AdapterManager(model.cfg, config.max_loras, config.max_lora_rank, model.dtype, replicated)
-                         if config.max_loras else None)
-        self.runner = Runner(
-            self.model, self.plan, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
-            config.resolved_token_buckets(), self.adapters,
-        )
         self.model_version = 1  # counts base model switches (runtime/model_reload.py)
         self.model_dir = ""
         self._pending_switch = None  # a ModelSwitch waiting for the batch to drain
@@ -150,13 +161,21 @@ class Engine:
         """`devices`: where the model runs (default: jax's default backend's); the CPU fallback
         (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
+        model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
+        model = cls.served_layout(model, config)
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
         engine.model_dir = str(model_dir)
         return engine
+
+    @staticmethod
+    def served_layout(model: LoadedModel, config: EngineConfig) -> LoadedModel:
+        """`model` laid out as the engine would serve it. Laid out before the engine is made, the
+        caller can drop the checkpoint layout's arrays (`model = Engine.served_layout(model, c)`)
+        before the KV cache is sized from the device's free memory."""
+        return lay_out(model, choose_plan(config, model.cfg, model.dtype, model.mesh).weights)
 
     def _open_kv_tiers(self, config: EngineConfig, model: LoadedModel) -> KvTiers | None:
         """The tiers below the device, their blocks re-advertised as KV events. Their digest covers
@@ -187,9 +206,48 @@ class Engine:
 
     def _blocks_for_memory(self, config: EngineConfig) -> int:
         cfg = self.model.cfg
+        if config.gpu_memory_utilization is not None:
+            blocks = self._blocks_for_device_memory(config.gpu_memory_utilization)
+            if blocks is not None:
+                return blocks
         per_block = 2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
         enough = config.max_num_seqs * -(-self.max_model_len // config.block_size)
         return max(1, min(config.kv_cache_memory_bytes // per_block, enough))
+
+    def _blocks_for_device_memory(self, utilization: float) -> int | None:
+        """Pages that fill what `utilization` of each device leaves after weights and the step's
+        workspace (runtime/kv_memory.py); None where a device reports no memory (the CPU)."""
+        fraction = kv_memory.pool_fraction()
+        memories = [kv_memory.device_memory(stats, fraction) for stats in device_memory_stats(self.model.mesh)]
+        if any(m is None for m in memories):
+            log.info("gpu_memory_utilization: the device reports no memory; the KV cache keeps kv_cache_memory_bytes")
+            return None
+        started = time.perf_counter()
+        workspace = self.runner.workspace_bytes()
+        if workspace is None:
+            log.warning("gpu_memory_utilization: no memory analysis of the step; the KV cache keeps kv_cache_memory_bytes")
+            return None
+        cfg, bs = self.model.cfg, self.config.block_size
+        page = (1, bs, cfg.num_kv_heads, cfg.head_dim)
+        per_block = 2 * cfg.num_layers * int(np.prod(self.model.kv_cache_sharding(1, bs).shard_shape(page))) \
+            * self.model.dtype.itemsize  # on one device: a tensor-parallel cache splits its heads
+        budget = min(kv_memory.kv_cache_budget(m, utilization, workspace) for m in memories)
+        memory = min(memories, key=lambda m: m.limit)
+        if utilization > memory.fraction:
+            log.warning("gpu_memory_utilization=%s: jax's pool holds %.2f GiB of the device's %.2f GiB (%s=%s); set it "
+                        "before jax starts to grant more", utilization, memory.limit / 2**30, memory.total / 2**30,
+                        kv_memory.POOL_FRACTION_VARIABLE, fraction)
+        if budget < per_block:
+            raise ValueError(
+                f"gpu_memory_utilization={utilization} leaves no room for the KV cache: of "
+                f"{memory.granted(utilization) / 2**30:.2f} GiB, {memory.in_use / 2**30:.2f} GiB are "
+                f"in use (weights) and the largest step needs {workspace / 2**30:.2f} GiB; raise it, or lower "
+                f"max_num_batched_tokens")
+        blocks = budget // per_block
+        log.info("KV cache: %d pages (%.2f GiB per device) from gpu_memory_utilization=%s: %.2f GiB in use, "
+                 "step workspace %.2f GiB (measured in %.1fs)", blocks, blocks * per_block / 2**30, utilization,
+                 memory.in_use / 2**30, workspace / 2**30, time.perf_counter() - started)
+        return blocks
 
     def stats(self) -> EngineStats:
         running = {s.request.request_id for s in self.scheduler.running}

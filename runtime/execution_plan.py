@@ -32,7 +32,8 @@ class ExecutionPlan:
     attention: str
     """"pallas", "cpu", "reference" or "pallas_interpret" (runtime/backend.py)."""
     weights: WeightLayout
-    """Linear implementation and fused projections; the weights' layout follows (models/projection.py)."""
+    """Linear implementation, fused projections and quantization; the weights' layout follows
+    (models/projection.py): the `layout` label says "dense", "packed" or "fp8"."""
     sampling: str
     """Top logprobs and normaliser: "cpu" (the C++ kernel) or "xla"."""
     lora: str | None = None
@@ -54,10 +55,10 @@ def choose_plan(config: EngineConfig, cfg: ModelConfig, dtype, mesh: Mesh) -> Ex
     """Raises BackendError naming a forced choice that this device or model cannot run."""
     platform, devices = mesh.devices.flat[0].platform, mesh.size
     attention = resolve_attention_backend(config.attention_backend, cfg, dtype, config.block_size, platform, devices)
-    linear = resolve_linear(config.linear, cfg, dtype, platform, devices)
+    linear = resolve_linear(config.linear, cfg, dtype, platform, devices, config.quantization)
     # One device holds every weight whole, so q/k/v and gate/up can be one product each; on a
     # mesh they stay apart, split by heads and MLP columns.
-    weights = WeightLayout(linear, fused=devices == 1)
+    weights = WeightLayout(linear, fused=devices == 1, quantization=config.quantization)
     sampling = "cpu" if platform == "cpu" and devices == 1 and cpu_kernels_available() else "xla"
     lora = (resolve_lora_kernel(config.lora_kernel, cfg, config.max_lora_rank, dtype, platform, devices)
             if config.max_loras else None)

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 MIN_TOP_P = 1e-30  # a normal float32: keeps exactly the most likely token
 
 
+def _per_device_bytes(x: jax.Array) -> int:
+    return x.addressable_shards[0].data.nbytes
+
+
+def _fields(adjustments: LogitAdjustments) -> tuple[jax.Array, ...]:
+    return tuple(getattr(adjustments, f.name) for f in dataclasses.fields(adjustments))
+
+
 def _step(
     graphdef: nnx.GraphDef,
     state_def,  # treedef of the model state
@@ -48,7 +56,7 @@ def _step(
     kv_cache: KVCache,
     packed: Int[Array, " size"],
     previous_tokens: Int[Array, " max_rows"],
-    adjustments: LogitAdjustments | None,
+    adjustments: tuple[Array, ...] | None,  # LogitAdjustments' fields, in order
     lora_stacks: LoraStacks | None,
     prompt_targets: Int[Array, " tokens"] | None,
     *,
@@ -81,7 +89,8 @@ def _step(
         all_logits, kv_cache = compute_logits(graphdef, state, tokens, f["positions"], kv_cache, md, every, lora)
         logits = all_logits[f["logits_indices"]]  # the very logits the sampler sees
         prompt = prompt_logprobs(all_logits, prompt_targets, summary_impl)
-    sampled = sample_tokens(logits, sampling, adjustments, summary_impl)
+    adjust = None if adjustments is None else LogitAdjustments(*adjustments)
+    sampled = sample_tokens(logits, sampling, adjust, summary_impl)
     next_tokens = jnp.zeros(max_rows, jnp.int32).at[: layout.rows].set(sampled.tokens)
     return sampled, next_tokens, kv_cache, prompt
 
@@ -110,8 +119,11 @@ class InFlightStep:
 
 
 class Runner:
-    def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, token_buckets: tuple[int, ...], adapters: AdapterManager | None = None):
+    def __init__(self, model: LoadedModel, plan: ExecutionPlan, num_blocks: int | None, block_size: int,
+                 max_num_seqs: int, max_model_len: int, token_buckets: tuple[int, ...],
+                 adapters: AdapterManager | None = None):
+        """`num_blocks` None: no KV cache yet; the engine sizes it from the device's memory
+        (`workspace_bytes`), then calls `allocate_cache`."""
         self.model = model
         # Adapter weights are step arguments (stacked slots), never constants: loading one
         # replaces arrays of the same shape and compiles nothing.
@@ -124,7 +136,7 @@ class Runner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.token_buckets = token_buckets
         self.vocab_size = model.cfg.vocab_size
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_cache = None if num_blocks is None else model.allocate_kv_cache(num_blocks, block_size)
         # The graph definition and the state's structure are bound once: a step call then
         # passes a flat list of arrays, and jit neither hashes the module graph nor walks the
         # NNX state each step (milliseconds of host time per step otherwise).
@@ -142,10 +154,51 @@ class Runner:
         self._jitted_step = self._jit_step()
 
     def _jit_step(self):
+        """The whole step as one program: the packed host inputs arrive in one transfer, the
+        previous step's tokens stay on the device, the cache is donated (updated in place), and
+        nothing inside calls back to the host (tests/runtime/test_step_program.py reads its HLO)."""
         step = partial(_step, self.model.graphdef, self._state_def, max_rows=self.max_num_seqs,
                        attention=self.attention_backend, attention_mesh=self.attention_mesh,
                        summary_impl=self._summary_impl, lora_kernel=self._lora_kernel)
         return jax.jit(step, static_argnames=("layout",), donate_argnames=("kv_cache",))
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_cache = self.model.allocate_kv_cache(num_blocks, self.block_size)
+
+    def lower_step(self, bucket: int, adjust: bool = False, lora: bool = False, prompt: bool = False,
+                   kv_cache=None, platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
+        """The step program of one variant, lowered for an all-padding batch (nothing runs).
+        `kv_cache`: arrays or jax.ShapeDtypeStruct leaves, default the runner's own; `platforms`:
+        lower for others than the model's devices (("cuda",) on a CPU: the GPU program's StableHLO)."""
+        args, layout = self._step_args(SchedulerOutput(), bucket, adjust, None, lora, prompt)
+        if kv_cache is not None:
+            args = (args[0], kv_cache, *args[2:])
+        return self._jitted_step.trace(*args, layout=layout).lower(lowering_platforms=platforms)
+
+    def workspace_bytes(self) -> int | None:
+        """Device memory the largest step needs beyond the weights and the KV cache, per device:
+        XLA's temporaries, the step's inputs and its outputs not aliased to the cache. Compiled
+        once, on a probe cache of one sequence's pages (the cache is updated in place, so its
+        size changes no temporary), for the costliest variant: the largest bucket with logit
+        adjustments, adapters if served, and every token's logits (prompt logprobs). None where
+        the backend gives no memory analysis."""
+        pages, cfg = self.max_blocks_per_seq, self.model.cfg
+        shape = (pages, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        sharding = self.model.kv_cache_sharding(pages, self.block_size)
+        probe = [(jax.ShapeDtypeStruct(shape, self.model.dtype, sharding=sharding),) * 2 for _ in range(cfg.num_layers)]
+        lowered = self.lower_step(self.token_buckets[-1], adjust=True, lora=self.adapters is not None, prompt=True,
+                                  kv_cache=probe)
+        stats = lowered.compile().memory_analysis()
+        if stats is None:
+            return None
+        held = sum(_per_device_bytes(x) for x in self._state_leaves)
+        if self.adapters is not None:
+            held += sum(_per_device_bytes(x) for x in jax.tree.leaves(self.adapters.stacks))
+        cache = 2 * cfg.num_layers * int(np.prod(sharding.shard_shape(shape))) * self.model.dtype.itemsize
+        inputs = max(0, stats.argument_size_in_bytes - held - cache)
+        outputs = max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes)
+        return stats.temp_size_in_bytes + inputs + outputs
 
     def _attention_plan(self, bucket: int) -> WorkPlan | None:
         """The Pallas kernel's work plan for a bucket: its table is built here once per step
@@ -301,6 +354,14 @@ class Runner:
 
     def _execute(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
                  lora: bool = False, prompt: bool = False) -> tuple[SampledTokens, jax.Array, PromptLogprobs | None]:
+        args, layout = self._step_args(out, bucket, adjust, previous, lora, prompt)
+        # The packed buffer goes straight into the jitted call: one host-to-device copy.
+        sampled, next_tokens, self.kv_cache, prompt_lps = self._jitted_step(*args, layout=layout)
+        return sampled, next_tokens, prompt_lps
+
+    def _step_args(self, out: SchedulerOutput, bucket: int, adjust: bool, previous: InFlightStep | None,
+                   lora: bool, prompt: bool) -> tuple[tuple, StepLayout]:
+        """The jitted step's positional arguments for `out`, and the bucket's static layout."""
         buffers = self._buffers[bucket]
         packed, f = buffers.next()
         tokens, positions, slots, from_previous = f["tokens"], f["positions"], f["slots"], f["from_previous"]
@@ -337,7 +398,9 @@ class Runner:
         query_start[len(out.chunks) + 1 :] = at
         if buffers.layout.attention is not None:
             f["attention_work"][...] = work_table(buffers.layout.attention, query_start, context_lens)
-        adjustments = self._adjustments(out, buffers.layout.rows) if adjust else None
+        # A tuple, not the dataclass: jax's AOT stages (lower_step) rebuild argument pytrees
+        # with placeholders, which the dataclass's shape-checked constructor refuses in tests.
+        adjustments = _fields(self._adjustments(out, buffers.layout.rows)) if adjust else None
         targets = self._prompt_targets(out, bucket) if prompt else None
         previous_tokens = self._no_previous if previous is None else previous.next_tokens
         lora_stacks = None
@@ -347,12 +410,8 @@ class Runner:
                 f["lora_slots"][at : at + chunk.num_tokens] = self.adapters.slot_of(chunk.seq.request.adapter_id)
                 at += chunk.num_tokens
             lora_stacks = self.adapters.stacks
-        # The packed buffer goes straight into the jitted call: one host-to-device copy.
-        sampled, next_tokens, self.kv_cache, prompt_lps = self._jitted_step(
-            self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks, targets,
-            layout=buffers.layout,
-        )
-        return sampled, next_tokens, prompt_lps
+        args = (self._state_leaves, self.kv_cache, packed, previous_tokens, adjustments, lora_stacks, targets)
+        return args, buffers.layout
 
     @staticmethod
     def _prompt_targets(out: SchedulerOutput, bucket: int) -> jax.Array:

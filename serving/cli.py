@@ -34,6 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     for name in ("attention", "linear"):  # the execution plan's two choices, as `tessera serve` takes them
         gen.add_argument("--" + name, help=f"as `tessera serve --{name}` [{variables_help(name)}; default: by device]")
+    gen.add_argument("--quantization", choices=["fp8"], help="as `tessera serve --quantization`; default: none")
 
     conv = sub.add_parser("convert", help="convert a checkpoint to Tessera's orbax layout for faster loads")
     conv.add_argument("--model", required=True, help="Hugging Face model folder")
@@ -346,7 +347,8 @@ def _generate(args: argparse.Namespace) -> int:
     _warn_if_bfloat16_on_cpu(args.dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs,
                           attention_backend=args.attention or environment_setting("attention"),
-                          linear=args.linear or environment_setting("linear"))
+                          linear=args.linear or environment_setting("linear"),
+                          quantization=args.quantization or environment_setting("quantization"))
     engine = Engine.from_model_dir(args.model, args.dtype, config, tensor_parallel=args.tensor_parallel)
     if args.prompts_file is not None:
         return _generate_many(engine, Path(args.prompts_file), defaults)

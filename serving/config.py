@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from models.lora import LORA_KERNELS
+from models.projection import QUANTIZATIONS
 from runtime.backend import ATTENTION_BACKENDS
 from runtime.execution_plan import LINEAR_IMPLS
 from runtime.config import EngineConfig
 
 ENV_PREFIX = "TESSERA_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_KV_CACHE_GIB = 2.0  # where the device's memory does not size the KV cache (the CPU)
 
 
 def _setting(default, help: str, aliases: Mapping[str, Mapping[str, object]] | None = None):  # noqa: A002
@@ -41,6 +43,10 @@ class ServerConfig:
     served_model_name: str | None = _setting(
         None, "model name the API answers to; default: the folder's name, 'demo' for the default model")
     dtype: str = _setting("float32", "weight and activation dtype: float32 or bfloat16")
+    quantization: str | None = _setting(
+        None, "fp8: the layers' weights quantized to float8 e4m3 at load, a scale per output channel, activations "
+              "per token (vLLM's spelling; one device, XLA's products; embedding and head stay in dtype); "
+              "default: none")
     tensor_parallel: int = _setting(1, "devices to shard heads, MLP and KV cache over")
     attention: str | None = _setting(
         None, "attention implementation: pallas (the GPU kernel), cpu (the C++ CPU kernel), reference "
@@ -56,8 +62,16 @@ class ServerConfig:
     max_model_len: int | None = _setting(None, "prompt plus output tokens per sequence; default: the model's")
     max_num_batched_tokens: int = _setting(512, "token budget of one engine step (prefill chunks + decodes)")
     block_size: int = _setting(16, "tokens per KV cache page")
-    kv_cache_memory_gib: float = _setting(2.0, "memory for the KV cache, GiB (ignored when num_blocks is set)")
-    num_blocks: int | None = _setting(None, "KV cache pages; default: as many as kv_cache_memory_gib holds")
+    gpu_memory_utilization: float = _setting(
+        0.9, "fraction of the device's memory for weights, activations and KV cache (vLLM's meaning): on a "
+             "device that reports its memory (GPUs) the KV cache takes what is left after the weights and the "
+             "largest step's workspace, and jax's pool is set to this fraction (XLA_PYTHON_CLIENT_MEM_FRACTION, "
+             "unless set); the CPU keeps kv_cache_memory_gib's size. A hot reload needs room for a second "
+             "copy of the weights: lower it for that")
+    kv_cache_memory_gib: float | None = _setting(
+        None, "memory for the KV cache, GiB, on any device (ignored when num_blocks is set); default: by "
+              "gpu_memory_utilization where the device reports its memory, else 2")
+    num_blocks: int | None = _setting(None, "KV cache pages; default: sized as kv_cache_memory_gib says")
     enable_prefix_caching: bool = _setting(True, "reuse KV pages of prompt prefixes seen before")
     async_scheduling: bool = _setting(True, "plan and dispatch each engine step while the previous one runs "
                                             "(tokens reach the host one step late); off runs steps in series")
@@ -190,7 +204,12 @@ class ServerConfig:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", self.port, "must be in [0, 65535]")
         _require(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
         _require(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, "must be >= 1")
-        _require(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", self.kv_cache_memory_gib, "must be > 0")
+        _require(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "kv_cache_memory_gib",
+                 self.kv_cache_memory_gib, "must be > 0")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+                 "must be in (0, 1]")
+        _require(self.quantization in (None, *QUANTIZATIONS), "quantization", self.quantization,
+                 f"must be one of {', '.join(QUANTIZATIONS)} (or unset)")
         _require(self.max_queue >= 0, "max_queue", self.max_queue, "must be >= 0")
         _require(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "must be >= 1024")
@@ -281,7 +300,10 @@ class ServerConfig:
         return EngineConfig(
             block_size=self.block_size,
             num_blocks=self.num_blocks,
-            kv_cache_memory_bytes=int(self.kv_cache_memory_gib * 2**30),
+            # An explicit size wins over the device's memory, as vLLM's --kv-cache-memory does.
+            kv_cache_memory_bytes=int((self.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * 2**30),
+            gpu_memory_utilization=None if self.kv_cache_memory_gib else self.gpu_memory_utilization,
+            quantization=self.quantization,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,

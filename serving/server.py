@@ -65,6 +65,10 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
 
         engine_config.kv_tiers = KvTierConfig(config.kv_disk_dir, model_digest(model_dir),
                                               int(config.kv_host_gib * 2**30), int(config.kv_disk_gib * 2**30))
+    if engine_config.gpu_memory_utilization is not None:
+        from runtime.kv_memory import apply_pool_fraction
+
+        apply_pool_fraction(engine_config.gpu_memory_utilization)  # before jax starts a GPU backend, if it has not
     engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
     for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
         engine.adapters.load(adapter, adapter_folder(config, adapter, path))
