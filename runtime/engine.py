@@ -37,6 +37,7 @@ from models.loader import LoadedModel, lay_out, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
 from ops.audit import audit_event
+from ops.startup import timeline
 from runtime.adapters import AdapterManager
 from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
@@ -140,6 +141,7 @@ class Engine:
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
+        timeline.mark("engine build")
         self.kv_tiers = self._open_kv_tiers(config, model)
 
     @classmethod
@@ -151,6 +153,7 @@ class Engine:
         (runtime/failover.py) passes jax.devices("cpu")."""
         tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
+        timeline.mark("model load")
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
         engine = cls(model, tokenizer, config)
@@ -170,6 +173,7 @@ class Engine:
         for block in tiers.restored:
             self.blocks.note_tier_stored(block.key, block.parent, block.token_ids)
         log.info("KV tiers: %d blocks restored from %s", len(tiers.restored), config.kv_tiers.disk_dir)
+        timeline.mark("KV tier restore")
         return tiers
 
     def close(self) -> None:
@@ -245,8 +249,10 @@ class Engine:
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
+        timeline.mark("warm-up: token buckets")
         if self.kv_tiers is not None:
             self.runner.warm_up_page_transfers()
+            timeline.mark("warm-up: page transfers")
         log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
         return seconds
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ops.startup import timeline
 from runtime.engine_client import EngineClient
 from serving import observability
 from serving.auth.access import configure_audit_sinks
@@ -52,11 +53,13 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     Every load (start-up, and any reload) comes through here: the one place serving builds
     an in-process engine; everything after it sees only the EngineClient."""
     from runtime.async_engine import AsyncEngine
-    from runtime.compile_cache import enable_compilation_cache
+    from runtime.compile_cache import enable_compilation_cache, keep_every_program
     from runtime.engine import Engine
     from serving.adapter_source import adapter_folder
 
+    timeline.mark("python and imports")
     check_trust(config, model_dir)
+    timeline.mark("signature check")
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
     if config.kv_disk_dir:
@@ -65,11 +68,12 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
 
         engine_config.kv_tiers = KvTierConfig(config.kv_disk_dir, model_digest(model_dir),
                                               int(config.kv_host_gib * 2**30), int(config.kv_disk_gib * 2**30))
-    engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
-    for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
-        engine.adapters.load(adapter, adapter_folder(config, adapter, path))
-    if config.warm_up:
-        engine.warm_up()
+    with keep_every_program():  # every start compiles the same programs: the next one loads them
+        engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
+        for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
+            engine.adapters.load(adapter, adapter_folder(config, adapter, path))
+        if config.warm_up:
+            engine.warm_up()
     name = served_name(config, model_dir)
     front = AsyncEngine(engine, metrics=observability.make_metrics(name, engine))
     return with_cpu_fallback(front, engine.plan.platform, engine.backend_mode(), config, model_dir), name
@@ -136,6 +140,11 @@ class DrainingServer(uvicorn.Server):
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_on_signal(self.state)))
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the app's start-up (the engine's loop), then the bind
+        if self.started:
+            timeline.ready()
+
     def handle_exit(self, sig, frame) -> None:
         if self._drain is not None or self._loop is None or self.should_exit:
             super().handle_exit(sig, frame)  # a second signal: go now
@@ -172,10 +181,12 @@ def make_server(app, state: ServerState, host: str, port: int, log_level: str = 
 def serve(config: ServerConfig) -> int:
     from serving.app import build_app
 
+    timeline.begin()
     observability.configure(config)
     configure_audit_sinks(config)
     state = build_server_state(config)
     app = build_app(state)
+    timeline.mark("app build")
     log.info("serving %s on http://%s:%d", state.model_name, config.host, config.port)
     server = make_server(app, state, config.host, config.port, config.log_level)
     server.run()  # a drained SIGTERM returns here (exit 0); a second signal re-raises itself

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ops.startup import timeline
 from runtime.block_manager import BlockStored
 from runtime.engine_client import EngineClient, EngineDeadError
 from serving.coalesce import coalesced
@@ -271,6 +272,7 @@ async def run_worker(server: WorkerServer, drain_timeout_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    timeline.ready("gRPC server start")
     print(f"tessera worker {server.worker_id} listening on {server.host}:{server.port}", flush=True)
     await stop.wait()
     log.info("worker %s: draining for up to %.0fs", server.worker_id, drain_timeout_s)
@@ -285,6 +287,7 @@ def worker_main(config) -> int:
     from serving.registry import model_digest
     from serving.server import build_async_engine
 
+    timeline.begin()
     observability.configure(config)
     if config.mig_device:  # before jax creates its GPU client: this process sees only that slice
         os.environ["CUDA_VISIBLE_DEVICES"] = config.mig_device
