@@ -419,7 +419,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ops.startup import pause_collector, resume_collector
+
+    pause_collector()  # serve and worker resume it once their imports are done; the others now
     args = _build_parser().parse_args(argv)
+    if args.command not in ("serve", "worker"):
+        resume_collector(freeze=False)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
                "gateway": _gateway, "login": _login, "logout": _logout,

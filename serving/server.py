@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ops.startup import timeline
+from ops.startup import resume_collector, timeline
 from runtime.engine_client import EngineClient
 from serving import observability
 from serving.auth.access import configure_audit_sinks
@@ -48,6 +48,22 @@ def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
                       model_name=served_name(config, model_dir))
 
 
+def end_of_imports() -> None:
+    """`tessera serve` and `worker`: everything building an engine needs is imported (and timed);
+    then the collector resumes, before any model file is read: garbage from there on may hold
+    large buffers."""
+    import runtime.async_engine  # noqa: F401
+    import runtime.compile_cache  # noqa: F401
+    import runtime.engine  # noqa: F401
+    import runtime.kv_tiers  # noqa: F401
+    import serving.default_model  # noqa: F401
+    import serving.registry  # noqa: F401
+
+    timeline.mark("python and imports")
+    resume_collector()
+    timeline.mark("garbage collection")
+
+
 def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[EngineClient, str]:
     """Check the model's signature, then load and warm it up; (the engine, its served name).
     Every load (start-up, and any reload) comes through here: the one place serving builds
@@ -57,7 +73,6 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
     from runtime.engine import Engine
     from serving.adapter_source import adapter_folder
 
-    timeline.mark("python and imports")
     check_trust(config, model_dir)
     timeline.mark("signature check")
     enable_compilation_cache(config.compilation_cache_dir)
@@ -118,6 +133,7 @@ def build_server_state(config: ServerConfig, engine: EngineClient | None = None)
     from serving.default_model import resolve_model
 
     model_dir = resolve_model(config.model, config.model_cache_dir)
+    timeline.mark("model files")  # the local folder found, or fetched from object storage
     engine, name = build_async_engine(config, model_dir)
     return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics, guardrails=guardrails)
 
@@ -183,6 +199,7 @@ def serve(config: ServerConfig) -> int:
 
     timeline.begin()
     observability.configure(config)
+    end_of_imports()
     configure_audit_sinks(config)
     state = build_server_state(config)
     app = build_app(state)

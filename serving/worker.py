@@ -285,13 +285,15 @@ def worker_main(config) -> int:
     from serving import observability
     from serving.default_model import resolve_model
     from serving.registry import model_digest
-    from serving.server import build_async_engine
+    from serving.server import build_async_engine, end_of_imports
 
     timeline.begin()
     observability.configure(config)
+    end_of_imports()
     if config.mig_device:  # before jax creates its GPU client: this process sees only that slice
         os.environ["CUDA_VISIBLE_DEVICES"] = config.mig_device
     model_dir = resolve_model(config.model, config.model_cache_dir)
+    timeline.mark("model files")
     engine, _ = build_async_engine(config, model_dir)
     tls = (config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_ca) if config.grpc_tls_cert else None
     server = WorkerServer(engine, host=config.host, port=config.grpc_port, worker_id=config.worker_id,
