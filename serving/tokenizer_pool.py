@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import weakref
 from array import array
 from collections.abc import Mapping, Sequence
@@ -119,6 +120,16 @@ def _load(tokenizer: Tokenizer) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.nice(WORKER_NICE)
     _tokenizer = tokenizer
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="exit-with-server", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A server killed (SIGKILL, a crash) never shuts its pool down, and a worker waiting for
+    work never notices: its task queue holds a writing end of its own pipe. Each killed server
+    left its workers behind for good; now they go within a second (reparented: a new parent)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _ids(ids: list[int]) -> array:
