@@ -217,8 +217,13 @@ class Engine:
             kv_events_dropped=self.blocks.num_events_dropped,
             kv_tiers=tuple((name, dataclasses.replace(t)) for name, t in self.kv_tiers.stats().items())
             if self.kv_tiers else (),
-            kv_tier_pending_writes=self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0,
+            kv_tier_pending_writes=self.pending_tier_writes,
         )
+
+    @property
+    def pending_tier_writes(self) -> int:
+        """Blocks queued for the disk tier, not yet committed (its writer thread commits them)."""
+        return self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0
 
     def _adapter_stats(self) -> dict:
         if self.adapters is None:
