@@ -56,3 +56,10 @@ def test_the_collector_resumes_frozen_or_not():
     finally:
         gc.unfreeze()
         gc.enable() if was_enabled else gc.disable()
+
+
+def test_tessera_leaves_the_collector_on_when_it_ends_early():
+    from serving.cli import main
+
+    assert main(["serve", "--max-num-seqs", "0"]) == 2  # refused before serve's imports end
+    assert gc.isenabled()
