@@ -8,7 +8,8 @@
 Marks are no-ops until `begin()`: engines built by tests and tools log nothing.
 
 Each mark logs `start-up: <phase> <seconds>s (cpu <seconds>s; at <seconds since the process
-started>s)`: on a shared machine the CPU seconds show what was ours and what was waiting;
+started>s)`; the CPU seconds are all the process's threads' (XLA's pool too, so they may pass
+the wall seconds): on a shared machine, wall seconds well above them were spent waiting for a core;
 `ready()` logs one summary line that perf/kv_restart.py reads back. The first phase
 ("python and imports") runs from the kernel's start time of the process (/proc/self/stat),
 so the interpreter's own start and every import before the first mark are counted; where
