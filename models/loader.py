@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding
 from models.config import ModelConfig
 from models.kv_cache import KVCache, allocate_kv_cache
 from models.llama import CausalLM
-from models.orbax_store import restore_params, save_params
 from models.projection import CHECKPOINT_LAYOUT, WeightLayout
 from models.safetensors_io import INDEX_NAME, CheckpointError, MappedFiles, TensorInfo, index_checkpoint
 from models.sharding import KV_CACHE_AXES, ShardingRules, make_mesh
@@ -107,6 +106,8 @@ def load_model(
     graphdef, state, specs = abstract_model(cfg, dtype)
     shardings = {s.path: rules.sharding(s.axes, s.shape, mesh) for s in specs}
     if (model_dir / ORBAX_DIR).is_dir():
+        from models.orbax_store import restore_params  # orbax takes ~0.2 s to import: only for its folders
+
         arrays = restore_params(model_dir / ORBAX_DIR, specs, shardings, dtype)
     else:
         arrays = _read_safetensors(model_dir, cfg, specs, shardings, dtype)
@@ -197,6 +198,8 @@ def _place(
 def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> float:
     """Write `model_dir` as a Tessera folder with orbax weights; returns the seconds taken."""
     import shutil
+
+    from models.orbax_store import save_params
 
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)

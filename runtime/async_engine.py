@@ -252,6 +252,8 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
+                    if self._stats is not None and self._stats.kv_tier_pending_writes != self.engine.pending_tier_writes:
+                        self._report_step(0)  # the disk tier committed while idle: its gauges must not wait for a step
                     continue
                 outputs = self.engine.step()
                 # The snapshot first: a consumer that reads stats() after its last output sees this step.

@@ -37,6 +37,7 @@ from models.loader import LoadedModel, lay_out, load_model
 from models.sharding import make_mesh
 from models.tokenizer import Tokenizer
 from ops.audit import audit_event
+from ops.startup import timeline
 from runtime.adapters import AdapterManager
 from runtime.backend import backend_mode
 from runtime.block_manager import BlockManager
@@ -151,6 +152,7 @@ class Engine:
         self.generation_defaults: dict = {}  # the model's generation_config.json sampling fields
         self.faults = FaultInjector()  # test-only; off unless TESSERA_FAULT_INJECTION=1
         self._in_flight: InFlightStep | None = None  # overlapped: dispatched, not yet read back
+        timeline.mark("engine build")
         self.kv_tiers = self._open_kv_tiers(config, model)
 
     @classmethod
@@ -164,6 +166,7 @@ class Engine:
         config = config or EngineConfig()
         config.model_id = config.model_id or str(Path(model_dir).name)
         model = load_model(model_dir, dtype, mesh=make_mesh(tensor_parallel, devices), max_token_id=tokenizer.max_token_id)
+        timeline.mark("model load")
         model = cls.served_layout(model, config)
         engine = cls(model, tokenizer, config)
         engine.generation_defaults = generation_defaults(model_dir)
@@ -189,6 +192,7 @@ class Engine:
         for block in tiers.restored:
             self.blocks.note_tier_stored(block.key, block.parent, block.token_ids)
         log.info("KV tiers: %d blocks restored from %s", len(tiers.restored), config.kv_tiers.disk_dir)
+        timeline.mark("KV tier restore")
         return tiers
 
     def close(self) -> None:
@@ -271,8 +275,13 @@ class Engine:
             kv_events_dropped=self.blocks.num_events_dropped,
             kv_tiers=tuple((name, dataclasses.replace(t)) for name, t in self.kv_tiers.stats().items())
             if self.kv_tiers else (),
-            kv_tier_pending_writes=self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0,
+            kv_tier_pending_writes=self.pending_tier_writes,
         )
+
+    @property
+    def pending_tier_writes(self) -> int:
+        """Blocks queued for the disk tier, not yet committed (its writer thread commits them)."""
+        return self.kv_tiers.disk.num_pending_writes if self.kv_tiers else 0
 
     def _adapter_stats(self) -> dict:
         if self.adapters is None:
@@ -303,8 +312,10 @@ class Engine:
 
     def warm_up(self) -> float:
         seconds = self.runner.warm_up()
+        timeline.mark("warm-up: token buckets")
         if self.kv_tiers is not None:
             self.runner.warm_up_page_transfers()
+            timeline.mark("warm-up: page transfers")
         log.info("compiled %d token buckets in %.1fs", len(self.runner.token_buckets), seconds)
         return seconds
 

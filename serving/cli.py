@@ -421,18 +421,26 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
-               "gateway": _gateway, "login": _login, "logout": _logout,
-               "playback": _playback, "replay": _replay}.get(args.command, _client_command)
-    if args.command == "models" and args.models_command:
-        handler = _models_signing
+    from ops.startup import pause_collector, resume_collector
+
+    pause_collector()  # serve and worker resume it once their imports are done; the others now
     try:
-        return handler(args)
-    except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and parameter errors
-        print(f"tessera {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        args = _build_parser().parse_args(argv)
+        if args.command not in ("serve", "worker"):
+            resume_collector(freeze=False)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        handler = {"generate": _generate, "convert": _convert, "serve": _serve, "worker": _worker,
+                   "gateway": _gateway, "login": _login, "logout": _logout,
+                   "playback": _playback, "replay": _replay}.get(args.command, _client_command)
+        if args.command == "models" and args.models_command:
+            handler = _models_signing
+        try:
+            return handler(args)
+        except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and parameter errors
+            print(f"tessera {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    finally:
+        resume_collector(freeze=False)  # an early end (bad flags, a refused setting) leaves it as it found it
 
 
 if __name__ == "__main__":

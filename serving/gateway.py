@@ -24,13 +24,14 @@ from collections.abc import AsyncIterator
 from aetcd.rtypes import EventKind
 
 from runtime.engine_client import EngineDeadError, EngineHealth, EngineStepError, KVEvent
+from runtime.failover import BackendDegradedError
 from runtime.outputs import RequestOutput
 from runtime.request import Request, SamplingParams
 from runtime.request_limits import RequestLimits
 from serving import registry
 from serving.autoscale import WorkerLoad, hints
 from serving.coalesce import coalesced
-from serving.remote_engine import RemoteEngine, WorkerLostError, checked_request
+from serving.remote_engine import RemoteEngine, WorkerDegradedError, WorkerLostError, checked_request
 from serving.routing import Router, RoutingCosts, WorkerView, prompt_block_keys
 from serving.rpc import tessera_pb2 as pb
 
@@ -318,9 +319,13 @@ class GatewayEngine:
         keys = prompt_block_keys(request.prompt_token_ids, block_size, self.info.model_id, request.adapter_id,
                                  request.cache_salt)
         tried: set[str] = set()
+        retry_after_s: int | None = None  # the soonest a degraded worker that refused it may take it
         while True:
             handle = self.pick(request, keys, tried)
             if handle is None or handle.engine is None:
+                if retry_after_s is not None:  # 503 backend_degraded with Retry-After, as the worker would answer
+                    raise BackendDegradedError(f"no worker can serve this request now (tried {len(tried)}; "
+                                               "degraded ones serve only smaller prompts)", retry_after_s)
                 raise EngineDeadError("no worker is available for this request" +
                                       (f" (tried {len(tried)})" if tried else ""))
             tried.add(handle.record.worker_id)
@@ -335,6 +340,12 @@ class GatewayEngine:
                             self._count_finished(output, handle)
                         yield output
                 return
+            except WorkerDegradedError as e:  # alive, serving smaller prompts: kept in routing
+                retry_after_s = e.retry_after_s if retry_after_s is None else min(retry_after_s, e.retry_after_s)
+                if self.gateway_metrics is not None:
+                    self.gateway_metrics.retries.inc()
+                log.info("request %s: worker %s is degraded and refused it; trying another", request.request_id,
+                         handle.record.worker_id)
             except WorkerLostError as e:
                 handle.mark_down(e)
                 if started:

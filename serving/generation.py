@@ -113,6 +113,8 @@ class Generation:
             # The engine failed this request (and its step's others) and carries on; no retry, as
             # the same input could fail again. The id finds the engine's log and audit lines.
             raise APIError(500, f"{e}; request id {self.record.request_id}", code="engine_error") from None
+        except BackendDegradedError as e:  # a gateway whose workers' accelerators are out: too large for their CPUs
+            raise APIError(503, str(e), code="backend_degraded", headers={"Retry-After": str(e.retry_after_s)}) from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine has stopped: {e}", code="engine_dead") from None
         finally:

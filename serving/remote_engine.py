@@ -9,7 +9,9 @@ and `stats_age_s` says how old it is.
 
 Errors, as the protocol names them: INVALID_ARGUMENT and ALREADY_EXISTS are ValueError; a
 worker that cannot be reached, or that drops a call before its last output, is
-`WorkerLostError` (an `EngineDeadError`), which a gateway may retry elsewhere.
+`WorkerLostError` (an `EngineDeadError`), which a gateway may retry elsewhere; a worker whose
+accelerator is out refuses a prompt too large for its CPU with UNAVAILABLE and a
+`retry-after-s` trailer: `WorkerDegradedError`, retried elsewhere too, the worker kept.
 """
 
 from __future__ import annotations
@@ -51,8 +53,20 @@ CHANNEL_OPTIONS = [
 ]
 
 
+RETRY_AFTER_KEY = "retry-after-s"  # trailing metadata of a degraded worker's refusal
+
+
 class WorkerLostError(EngineDeadError):
     """The worker could not be reached, or dropped the call before its last output."""
+
+
+class WorkerDegradedError(WorkerLostError):
+    """The worker's accelerator is out and the prompt too large for its CPU (it serves smaller
+    ones): another worker may take it; else the client is told when to come back."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
@@ -252,6 +266,9 @@ def rpc_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
     code, details = e.code(), e.details() or ""
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
         return ValueError(details)
+    retry_after = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+    if code == grpc.StatusCode.UNAVAILABLE and retry_after is not None and retry_after.isdigit():
+        return WorkerDegradedError(f"worker {address}: {details}", int(retry_after))
     return WorkerLostError(f"worker {address}: {code.name}: {details}")
 
 

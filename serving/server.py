@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ops.startup import resume_collector, timeline
 from runtime.engine_client import EngineClient
 from serving import observability
 from serving.auth.access import configure_audit_sinks
@@ -47,16 +48,33 @@ def check_trust(config: ServerConfig, model_dir: str | Path) -> None:
                       model_name=served_name(config, model_dir))
 
 
+def end_of_imports() -> None:
+    """`tessera serve` and `worker`: everything building an engine needs is imported (and timed);
+    then the collector resumes, before any model file is read: garbage from there on may hold
+    large buffers."""
+    import runtime.async_engine  # noqa: F401
+    import runtime.compile_cache  # noqa: F401
+    import runtime.engine  # noqa: F401
+    import runtime.kv_tiers  # noqa: F401
+    import serving.default_model  # noqa: F401
+    import serving.registry  # noqa: F401
+
+    timeline.mark("python and imports")
+    resume_collector()
+    timeline.mark("garbage collection")
+
+
 def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[EngineClient, str]:
     """Check the model's signature, then load and warm it up; (the engine, its served name).
     Every load (start-up, and any reload) comes through here: the one place serving builds
     an in-process engine; everything after it sees only the EngineClient."""
     from runtime.async_engine import AsyncEngine
-    from runtime.compile_cache import enable_compilation_cache
+    from runtime.compile_cache import enable_compilation_cache, keep_every_program
     from runtime.engine import Engine
     from serving.adapter_source import adapter_folder
 
     check_trust(config, model_dir)
+    timeline.mark("signature check")
     enable_compilation_cache(config.compilation_cache_dir)
     engine_config = config.engine_config()
     if config.kv_disk_dir:
@@ -69,11 +87,12 @@ def build_async_engine(config: ServerConfig, model_dir: str | Path) -> tuple[Eng
         from runtime.kv_memory import apply_pool_fraction
 
         apply_pool_fraction(engine_config.gpu_memory_utilization)  # before jax starts a GPU backend, if it has not
-    engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
-    for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
-        engine.adapters.load(adapter, adapter_folder(config, adapter, path))
-    if config.warm_up:
-        engine.warm_up()
+    with keep_every_program():  # every start compiles the same programs: the next one loads them
+        engine = Engine.from_model_dir(model_dir, config.dtype, engine_config, tensor_parallel=config.tensor_parallel)
+        for adapter, path in config.lora_module_paths().items():  # a refused adapter stops start-up (AdapterError)
+            engine.adapters.load(adapter, adapter_folder(config, adapter, path))
+        if config.warm_up:
+            engine.warm_up()
     name = served_name(config, model_dir)
     front = AsyncEngine(engine, metrics=observability.make_metrics(name, engine))
     return with_cpu_fallback(front, engine.plan.platform, engine.backend_mode(), config, model_dir), name
@@ -118,6 +137,7 @@ def build_server_state(config: ServerConfig, engine: EngineClient | None = None)
     from serving.default_model import resolve_model
 
     model_dir = resolve_model(config.model, config.model_cache_dir)
+    timeline.mark("model files")  # the local folder found, or fetched from object storage
     engine, name = build_async_engine(config, model_dir)
     return ServerState(engine, config, name, owns_engine=True, metrics=engine.metrics, guardrails=guardrails)
 
@@ -139,6 +159,11 @@ class DrainingServer(uvicorn.Server):
 
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_on_signal(self.state)))
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the app's start-up (the engine's loop), then the bind
+        if self.started:
+            timeline.ready()
 
     def handle_exit(self, sig, frame) -> None:
         if self._drain is not None or self._loop is None or self.should_exit:
@@ -176,10 +201,13 @@ def make_server(app, state: ServerState, host: str, port: int, log_level: str = 
 def serve(config: ServerConfig) -> int:
     from serving.app import build_app
 
+    timeline.begin()
     observability.configure(config)
+    end_of_imports()
     configure_audit_sinks(config)
     state = build_server_state(config)
     app = build_app(state)
+    timeline.mark("app build")
     log.info("serving %s on http://%s:%d", state.model_name, config.host, config.port)
     server = make_server(app, state, config.host, config.port, config.log_level)
     server.run()  # a drained SIGTERM returns here (exit 0); a second signal re-raises itself

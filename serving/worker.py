@@ -23,10 +23,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ops.startup import timeline
 from runtime.block_manager import BlockStored
 from runtime.engine_client import EngineClient, EngineDeadError
+from runtime.failover import BackendDegradedError
 from serving.coalesce import coalesced
 from serving.registry import KvSummary, WorkerRecord, WorkerRegistration
+from serving.remote_engine import RETRY_AFTER_KEY
 from serving.rpc import convert
 from serving.rpc import tessera_pb2 as pb
 from serving.rpc import tessera_pb2_grpc as pb_grpc
@@ -40,7 +43,15 @@ SUBSCRIBER_QUEUE = 4096  # KV event batches a slow subscriber may lag by; beyond
 
 
 class KvEventHub:
-    """One drain of `engine.kv_events()`, fanned out to the summary and to subscribers."""
+    """One drain of `engine.kv_events()`, fanned out to the summary and to subscribers.
+
+    A dead engine ends its stream (EngineDeadError). A failover engine (runtime/failover.py)
+    serves a new loop once its accelerator passes a probe: the drain subscribes again every
+    `RESUBSCRIBE_S` meanwhile, so the summary and the subscribers (who stay connected) follow
+    the recovered engine: its AllBlocksCleared (the recovery dropped the prefix cache), then
+    what it caches. An engine that never recovers is simply retried until the hub closes."""
+
+    RESUBSCRIBE_S = 0.5
 
     def __init__(self, engine: EngineClient, summary: KvSummary):
         self.engine, self.summary = engine, summary
@@ -51,21 +62,34 @@ class KvEventHub:
         self._task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
+        dead = False
         try:
-            async for event in self.engine.kv_events():
-                self.summary.apply(event)
-                for queue in list(self._subscribers):
-                    if queue.full():  # too slow: cut off (it reconnects and gets a fresh snapshot)
-                        self._subscribers.discard(queue)
-                        queue.put_nowait(None)
-                    else:
-                        queue.put_nowait(event)
-        except EngineDeadError:
-            log.warning("KV events stopped: the engine is dead")
+            while True:
+                try:
+                    async for event in self.engine.kv_events():
+                        if dead:
+                            log.warning("KV events resumed: the engine serves again")
+                            dead = False
+                        self._fan_out(event)
+                    return  # the engine's stream ended (it shut down)
+                except EngineDeadError:
+                    if not dead:
+                        log.warning("KV events stopped: the engine is dead; subscribing again until it recovers")
+                        dead = True
+                await asyncio.sleep(self.RESUBSCRIBE_S)
         finally:
             for queue in self._subscribers:
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(None)
+
+    def _fan_out(self, event) -> None:
+        self.summary.apply(event)
+        for queue in list(self._subscribers):
+            if queue.full():  # too slow: cut off (it reconnects and gets a fresh snapshot)
+                self._subscribers.discard(queue)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(event)
 
     def subscribe(self) -> tuple[list, asyncio.Queue]:
         """(a snapshot of the keys held now, as one event, and the queue of later events)."""
@@ -99,8 +123,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                **convert.request_fields(message))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except EngineDeadError as e:  # degraded (runtime/failover.py): too large for its CPU; a gateway tries another
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend_degraded: {e}")
+        except BackendDegradedError as e:  # too large for its CPU (runtime/failover.py): a gateway tries another,
+            # and with none left answers 503 with this Retry-After
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend_degraded: {e}",
+                                trailing_metadata=((RETRY_AFTER_KEY, str(e.retry_after_s)),))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine_dead: {e}")
         self.num_in_flight += 1
         try:
             # Closing the stream (a cancelled call ends this generator) aborts the request. Outputs
@@ -271,6 +299,7 @@ async def run_worker(server: WorkerServer, drain_timeout_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    timeline.ready("gRPC server start")
     print(f"tessera worker {server.worker_id} listening on {server.host}:{server.port}", flush=True)
     await stop.wait()
     log.info("worker %s: draining for up to %.0fs", server.worker_id, drain_timeout_s)
@@ -283,12 +312,15 @@ def worker_main(config) -> int:
     from serving import observability
     from serving.default_model import resolve_model
     from serving.registry import model_digest
-    from serving.server import build_async_engine
+    from serving.server import build_async_engine, end_of_imports
 
+    timeline.begin()
     observability.configure(config)
+    end_of_imports()
     if config.mig_device:  # before jax creates its GPU client: this process sees only that slice
         os.environ["CUDA_VISIBLE_DEVICES"] = config.mig_device
     model_dir = resolve_model(config.model, config.model_cache_dir)
+    timeline.mark("model files")
     engine, _ = build_async_engine(config, model_dir)
     tls = (config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_ca) if config.grpc_tls_cert else None
     server = WorkerServer(engine, host=config.host, port=config.grpc_port, worker_id=config.worker_id,

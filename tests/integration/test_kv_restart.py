@@ -2,21 +2,37 @@
 after SIGKILL (with block writes still in flight) the first request hits the cache (cached
 tokens > 0) and answers exactly what it answered before.
 
-Ready time: the requirement is 30 s from the process's start, asserted always; the issue's
-10 s is asserted when the machine is not oversubscribed (on the shared 2-core development
-machine at a load average of 12, importing jax and the web stack alone took ~14 s; see
-perf/results/kv_restart_cpu.md for the figures and the phases)."""
+Ready time: the requirement's 30 s from the process's start is asserted; the issue's 10 s is a
+figure of perf/kv_restart.py (with the server's start-up phases), never a timed assertion on
+the shared machine. What makes a restart fast is asserted instead: it compiles nothing, every
+program its start-up needs comes from the persistent compilation cache."""
 
 import signal
+import time
 
 from tests.helpers.kv_restart import (complete, complete_all, metric, prompts, start_serve, stop,
                                       wait_for_disk_writes)
 
 REQUIRED_READY_S = 30.0  # the mission's figure; the issue's 10 s aim is measured by perf/kv_restart.py, not here
+# jax logs each program it compiles and whether the persistent cache had it; the server its
+# start-up summary (info), which follows every program start-up needs.
+LOG_COMPILES = {"JAX_LOG_COMPILES": "1", "TESSERA_LOG_LEVEL": "info"}
 
 
 def _check_ready(seconds: float) -> None:
     assert seconds < REQUIRED_READY_S, f"ready after {seconds:.1f}s"
+
+
+def _check_nothing_compiled(handle) -> None:
+    """A restart loads every program its start-up needs (the step's buckets, the weight layout,
+    the page transfers of the KV tiers) from the persistent cache: nothing compiles."""
+    deadline = time.monotonic() + 30  # the thread reading the server's output may trail /ready
+    while "start-up: ready" not in handle.output:
+        assert time.monotonic() < deadline, handle.output[-4000:]
+        time.sleep(0.05)
+    start_up = handle.output.split("start-up: ready")[0]
+    programs = start_up.count("Finished XLA compilation of")
+    assert programs >= 19 and start_up.count("Persistent compilation cache hit for") == programs
 
 
 def test_the_prefix_cache_survives_sigterm_and_sigkill(tmp_path):
@@ -43,8 +59,9 @@ def test_the_prefix_cache_survives_sigterm_and_sigkill(tmp_path):
         assert stop(handle, signal.SIGTERM) == 0
 
     # 2. After SIGTERM: the first request loads its 12 pages from disk and answers the same.
-    handle, url, ready_s = start_serve(kv_dir)
+    handle, url, ready_s = start_serve(kv_dir, env=LOG_COMPILES)
     try:
+        _check_nothing_compiled(handle)
         assert metric(url, "tessera:kv_tier_blocks", tier="disk") == 60  # restored, every checksum good
         assert complete(url, batch[15]) == (answers[15][0], 192)
         assert metric(url, "tessera:kv_tier_loads_total", tier="disk") == 12
@@ -60,8 +77,9 @@ def test_the_prefix_cache_survives_sigterm_and_sigkill(tmp_path):
 
     # 3. After SIGKILL: what was committed is served from disk; a block the kill tore is dropped,
     #    never loaded; every answer is exactly the one before.
-    handle, url, ready_s = start_serve(kv_dir)
+    handle, url, ready_s = start_serve(kv_dir, env=LOG_COMPILES)
     try:
+        _check_nothing_compiled(handle)
         restored = metric(url, "tessera:kv_tier_blocks", tier="disk")
         dropped = metric(url, "tessera:kv_tier_dropped_total", tier="disk")
         assert 72 <= restored <= 84 and dropped == 0  # rows are committed only after their files are synced

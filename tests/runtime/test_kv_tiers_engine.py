@@ -68,3 +68,42 @@ def test_pages_evicted_from_the_device_come_back_from_the_host_byte_for_byte(che
     for key, data in before.items():
         np.testing.assert_array_equal(engine.runner.read_pages([engine.blocks._cached[key]])[0], data)
     engine.close()
+
+
+def test_the_pending_writes_gauge_follows_the_disk_tier_while_the_engine_is_idle(checkpoint, tmp_path):
+    """The disk tier commits in its own thread, often after the request's last step: the metrics
+    must still reach 0 pending writes with no further step (a client waits on that gauge)."""
+    import asyncio
+    import threading
+    import time
+
+    from ops.metrics import TesseraMetrics
+    from runtime.async_engine import AsyncEngine
+
+    engine = _engine(checkpoint, tmp_path)
+    disk = engine.kv_tiers.disk
+    held, write_batch = threading.Event(), disk._write_batch
+    disk._write_batch = lambda batch: (held.wait(60), write_batch(batch))  # commits wait until released
+    metrics = TesseraMetrics("tiers", cache_config=engine.cache_config_info())
+    front = AsyncEngine(engine, metrics=metrics)
+    front.start()
+
+    async def complete():
+        async for _ in front.stream(front.make_request(PREFIX + [50, 51], GREEDY)):
+            pass
+
+    def pending() -> float:
+        return metrics.registry.get_sample_value("tessera:kv_tier_pending_writes", {"model_name": "tiers"})
+
+    try:
+        asyncio.run(complete())
+        assert pending() == 5  # the prompt's pages, queued
+        held.set()  # committed now, while no request runs
+        deadline = time.monotonic() + 30
+        while pending() != 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pending() == 0
+    finally:
+        held.set()
+        front.shutdown()
+        engine.close()

@@ -24,6 +24,7 @@ from runtime.failover import ACCELERATOR, CPU_FALLBACK, FailoverConfig, Failover
 from serving import observability
 from serving.app import create_app
 from serving.config import ServerConfig
+from tests.helpers.cluster import free_port
 from tests.helpers.kv_restart import metric
 from tests.serving.conftest import SERVER, assert_error, start_server
 
@@ -172,3 +173,167 @@ def test_the_worker_record_in_etcd_follows_the_backend_mode():
         return server.registration.written
 
     assert asyncio.run(go()) == [CPU_FALLBACK, ACCELERATOR]
+
+
+def test_the_worker_s_kv_events_follow_the_recovered_engine(tiny_model):
+    """The worker's KvEvents hub (serving/worker.py) drains the engine's KV events: when the
+    accelerator's engine dies its stream ends, and after the probe brings the accelerator back
+    (a new loop) the hub subscribes again. Its summary and a subscriber that stayed connected
+    see the recovery's AllBlocksCleared, then the keys the recovered engine caches."""
+    import asyncio
+    import contextlib
+
+    from runtime.block_manager import AllBlocksCleared, BlockStored
+    from runtime.engine_client import EngineDeadError
+    from runtime.request import SamplingParams
+    from serving.registry import KvSummary
+    from serving.worker import KvEventHub
+
+    core = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG))
+    core.warm_up()
+
+    def build_fallback():
+        engine = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG), devices=jax.devices("cpu"))
+        engine.warm_up()
+        return AsyncEngine(engine)
+
+    engine = FailoverEngine(AsyncEngine(core), build_fallback, recover_async_engine,
+                            FailoverConfig(max_prompt_tokens=32, keep_warm=False, probe_interval_s=0.5))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    before, after = list(range(100, 140)), list(range(200, 240))  # 40 tokens: two full pages of 16
+
+    async def complete(prompt):
+        async for _ in engine.stream(engine.make_request(prompt, params)):
+            pass
+
+    async def until(condition, what):
+        for _ in range(600):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def go():
+        engine.start()
+        summary = KvSummary()
+        hub = KvEventHub(engine, summary)
+        hub.start()
+        snapshot, queue = hub.subscribe()
+        assert snapshot == []
+        seen = []
+
+        async def collect():
+            while True:
+                seen.append(await queue.get())
+
+        collector = asyncio.ensure_future(collect())
+        await complete(before)
+        await until(lambda: len(summary.keys) == 2, "the first prompt's two pages")
+        first_keys = list(summary.keys)
+
+        core.faults.arm("dead")  # every step and every probe fails until disarmed
+        with contextlib.suppress(EngineDeadError):  # or it ends with an error output
+            await complete(list(range(300, 320)))
+        await until(lambda: engine.mode == CPU_FALLBACK, "the fallback")
+        await asyncio.sleep(1.5)  # the hub retries meanwhile
+        core.faults.disarm()
+        await until(lambda: engine.mode == ACCELERATOR, "the accelerator's return")
+
+        await complete(after)
+        await until(lambda: len(summary.keys) == 2 and not set(summary.keys) & set(first_keys),
+                    "the recovered engine's pages")
+        await until(lambda: any(isinstance(e, BlockStored) and set(e.keys) == set(summary.keys) for e in seen),
+                    "the subscriber's copy")
+        collector.cancel()
+        await hub.close()
+        assert None not in seen  # never cut off
+        cleared = next(i for i, e in enumerate(seen) if isinstance(e, AllBlocksCleared))
+        stored = [i for i, e in enumerate(seen) if isinstance(e, BlockStored)]
+        assert stored[0] < cleared < stored[-1]  # the first prompt's pages, the recovery, the new pages
+
+    try:
+        asyncio.run(go())
+    finally:
+        core.faults.disarm()
+        engine.shutdown()
+
+
+def test_a_gateway_answers_503_with_the_degraded_worker_s_retry_after(tiny_model):
+    """A worker whose accelerator is out refuses a prompt too large for its CPU (gRPC UNAVAILABLE
+    with a retry-after trailer). With no other worker, the gateway answers as the worker's own
+    HTTP server would: 503 `backend_degraded` with its Retry-After; the worker stays in
+    routing (it is alive) and the gateway's small prompts are still served there."""
+    import asyncio
+
+    import uvicorn
+
+    from serving import registry
+    from serving.gateway import GatewayEngine
+    from serving.remote_engine import remote_engine
+    from serving.worker import WorkerServer
+
+    core = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG))
+    core.warm_up()
+
+    def build_fallback():
+        engine = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG), devices=jax.devices("cpu"))
+        engine.warm_up()
+        return AsyncEngine(engine)
+
+    engine = FailoverEngine(AsyncEngine(core), build_fallback, recover_async_engine,
+                            FailoverConfig(max_prompt_tokens=32, keep_warm=True, probe_interval_s=600, retry_after_s=17))
+
+    async def until(condition, what):
+        for _ in range(600):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def go():
+        worker = WorkerServer(engine, worker_id="w1", tokenizer_dir=tiny_model)
+        port = await worker.start()
+        core.faults.arm("dead")  # the accelerator's engine dies at its next step
+        from runtime.engine_client import EngineDeadError
+        from runtime.request import SamplingParams
+
+        try:
+            async for _ in engine.stream(engine.make_request([5, 6, 7], SamplingParams(max_tokens=2))):
+                pass
+        except EngineDeadError:
+            pass
+        await until(lambda: engine.mode == CPU_FALLBACK, "the fallback")
+
+        async with remote_engine(f"127.0.0.1:{port}") as handshake:
+            info = handshake.info
+        gateway = GatewayEngine("127.0.0.1:1", info, seats=4)  # no etcd: the worker's record is put by hand
+        record = registry.WorkerRecord("w1", f"127.0.0.1:{port}", model=info.model_id, backend_mode=CPU_FALLBACK,
+                                       capacity={"block_size": 16, "max_num_seqs": 4})
+        gateway._apply_put(registry.WORKERS + "w1", record.to_json())
+        view = gateway.handles["w1"].view
+        await until(lambda: gateway.handles["w1"].engine is not None and view.healthy, "the gateway's dial")
+        # The gateway's HTTP server in this loop (the gateway's gRPC channels live here).
+        http = uvicorn.Server(uvicorn.Config(create_app(gateway, ServerConfig(**SERVER)), host="127.0.0.1",
+                                             port=free_port(), log_level="warning", lifespan="on"))
+        serving = asyncio.ensure_future(http.serve())
+        try:
+            await until(lambda: http.started, "the gateway's HTTP server")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http.config.port}", timeout=60) as client:
+                refused = await client.post("/v1/completions", json=LARGE)
+                assert_error(refused, 503, code="backend_degraded", message_has="tried 1")
+                assert refused.headers["retry-after"] == "17"
+                assert view.healthy and gateway.handles["w1"].engine is not None  # kept in routing
+                served = await client.post("/v1/completions", json=SMALL)
+                assert served.status_code == 200, served.text
+                assert served.json()["usage"]["completion_tokens"] == 6
+        finally:
+            http.should_exit = True
+            await serving
+            await gateway.close()
+            await worker.stop(0)
+
+    try:
+        asyncio.run(go())
+    finally:
+        core.faults.disarm()
+        engine.shutdown()
