@@ -81,12 +81,17 @@ def test_two_adapters_and_the_base_in_one_batch_match_peft(adapters, expected, o
         monkeypatch.setattr(lora, "lora_delta", lambda *a: pytest.fail("the XLA LoRA product ran"))
     engine = _engine(folder, async_scheduling=overlap, lora_kernel=kernel, max_lora_rank=max_rank)
     assert engine.plan.lora == kernel
+    assert _greedy_over_the_adapters(engine, paths) == expected
+
+
+def _greedy_over_the_adapters(engine, paths) -> list[list[int]]:
+    """The six prompts' greedy tokens, each on its adapter of WHICH (or the base), in one batch."""
     for name, path in paths.items():
         engine.adapters.load(name, path)
     for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
         engine.add_request(p, SamplingParams(max_tokens=10, **GREEDY), request_id=f"r{i}", adapter=a or "")
     done = engine.run_to_completion()
-    assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
+    return [done[f"r{i}"][0].token_ids for i in range(len(PROMPTS))]
 
 
 def test_tensor_parallel_serves_the_same_tokens_as_peft(adapters, expected):
@@ -97,12 +102,7 @@ def test_tensor_parallel_serves_the_same_tokens_as_peft(adapters, expected):
         block_size=4, max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(32,), num_blocks=64, max_loras=2,
         max_lora_rank=8))
     assert (engine.model.mesh.size, engine.plan.lora) == (2, "xla")
-    for name, path in paths.items():
-        engine.adapters.load(name, path)
-    for i, (p, a) in enumerate(zip(PROMPTS, WHICH)):
-        engine.add_request(p, SamplingParams(max_tokens=10, **GREEDY), request_id=f"r{i}", adapter=a or "")
-    done = engine.run_to_completion()
-    assert [done[f"r{i}"][0].token_ids for i in range(6)] == expected
+    assert _greedy_over_the_adapters(engine, paths) == expected
     assert len(engine.adapters.stacks["q_proj"]["a"].sharding.device_set) == 2
 
 

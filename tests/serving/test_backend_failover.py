@@ -34,20 +34,27 @@ SMALL = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos"
 LARGE = {**SMALL, "prompt": list(range(10, 60))}  # 50 tokens: over the fallback's 32
 
 
-@pytest.fixture(scope="module")
-def failover(tiny_model, log_stream):
+def failover_engine(tiny_model, metrics=None, **failover) -> tuple[Engine, FailoverEngine]:
+    """A warmed engine on the default device behind a FailoverEngine whose CPU fallback is the same
+    model; (the primary's core, the failover engine). `failover`: FailoverConfig's fields."""
     core = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG))
     core.warm_up()
-    primary = AsyncEngine(core, metrics=observability.make_metrics("failover", core))
 
     def build_fallback():
         engine = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG), devices=jax.devices("cpu"))
         engine.warm_up()
         return AsyncEngine(engine)
 
-    engine = FailoverEngine(primary, build_fallback, recover_async_engine,
-                            FailoverConfig(max_prompt_tokens=32, keep_warm=True, probe_interval_s=0.5, retry_after_s=30),
+    engine = FailoverEngine(AsyncEngine(core, metrics=metrics(core) if metrics else None), build_fallback,
+                            recover_async_engine, FailoverConfig(max_prompt_tokens=32, **failover),
                             accelerator_label=core.backend_mode())
+    return core, engine
+
+
+@pytest.fixture(scope="module")
+def failover(tiny_model, log_stream):
+    core, engine = failover_engine(tiny_model, lambda core: observability.make_metrics("failover", core),
+                                   keep_warm=True, probe_interval_s=0.5, retry_after_s=30)
     live = start_server(create_app(engine, ServerConfig(**{**SERVER, "max_queue": 16})))
     live.engine, live.core = engine, core
     yield live
@@ -189,16 +196,7 @@ def test_the_worker_s_kv_events_follow_the_recovered_engine(tiny_model):
     from serving.registry import KvSummary
     from serving.worker import KvEventHub
 
-    core = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG))
-    core.warm_up()
-
-    def build_fallback():
-        engine = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG), devices=jax.devices("cpu"))
-        engine.warm_up()
-        return AsyncEngine(engine)
-
-    engine = FailoverEngine(AsyncEngine(core), build_fallback, recover_async_engine,
-                            FailoverConfig(max_prompt_tokens=32, keep_warm=False, probe_interval_s=0.5))
+    core, engine = failover_engine(tiny_model, keep_warm=False, probe_interval_s=0.5)
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     before, after = list(range(100, 140)), list(range(200, 240))  # 40 tokens: two full pages of 16
 
@@ -272,16 +270,7 @@ def test_a_gateway_answers_503_with_the_degraded_worker_s_retry_after(tiny_model
     from serving.remote_engine import remote_engine
     from serving.worker import WorkerServer
 
-    core = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG))
-    core.warm_up()
-
-    def build_fallback():
-        engine = Engine.from_model_dir(tiny_model, config=EngineConfig(**CONFIG), devices=jax.devices("cpu"))
-        engine.warm_up()
-        return AsyncEngine(engine)
-
-    engine = FailoverEngine(AsyncEngine(core), build_fallback, recover_async_engine,
-                            FailoverConfig(max_prompt_tokens=32, keep_warm=True, probe_interval_s=600, retry_after_s=17))
+    core, engine = failover_engine(tiny_model, keep_warm=True, probe_interval_s=600, retry_after_s=17)
 
     async def until(condition, what):
         for _ in range(600):
