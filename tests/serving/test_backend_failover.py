@@ -9,6 +9,7 @@ not depend on the device, and the accelerator's label is the primary's ("cpu")."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -61,6 +62,15 @@ def failover(tiny_model, log_stream):
     core.faults.disarm()
     live.stop()
     engine.shutdown()
+
+
+async def until(condition, what: str) -> None:
+    """Wait up to 30 s for `condition()`; fail naming `what`."""
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _stream(url: str, body: dict, result: dict) -> None:
@@ -148,7 +158,6 @@ def test_streams_end_cleanly_small_prompts_move_to_the_cpu_and_the_accelerator_r
 def test_the_worker_record_in_etcd_follows_the_backend_mode():
     """The worker re-writes its etcd record when its engine's mode changes (the gateway reads
     `backend_mode` and prefers accelerator workers: tests/serving/test_routing.py)."""
-    import asyncio
 
     from runtime.engine_client import EngineHealth
     from serving.registry import WorkerRecord
@@ -187,7 +196,6 @@ def test_the_worker_s_kv_events_follow_the_recovered_engine(tiny_model):
     accelerator's engine dies its stream ends, and after the probe brings the accelerator back
     (a new loop) the hub subscribes again. Its summary and a subscriber that stayed connected
     see the recovery's AllBlocksCleared, then the keys the recovered engine caches."""
-    import asyncio
     import contextlib
 
     from runtime.block_manager import AllBlocksCleared, BlockStored
@@ -203,13 +211,6 @@ def test_the_worker_s_kv_events_follow_the_recovered_engine(tiny_model):
     async def complete(prompt):
         async for _ in engine.stream(engine.make_request(prompt, params)):
             pass
-
-    async def until(condition, what):
-        for _ in range(600):
-            if condition():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def go():
         engine.start()
@@ -261,7 +262,6 @@ def test_a_gateway_answers_503_with_the_degraded_worker_s_retry_after(tiny_model
     with a retry-after trailer). With no other worker, the gateway answers as the worker's own
     HTTP server would: 503 `backend_degraded` with its Retry-After; the worker stays in
     routing (it is alive) and the gateway's small prompts are still served there."""
-    import asyncio
 
     import uvicorn
 
@@ -271,13 +271,6 @@ def test_a_gateway_answers_503_with_the_degraded_worker_s_retry_after(tiny_model
     from serving.worker import WorkerServer
 
     core, engine = failover_engine(tiny_model, keep_warm=True, probe_interval_s=600, retry_after_s=17)
-
-    async def until(condition, what):
-        for _ in range(600):
-            if condition():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def go():
         worker = WorkerServer(engine, worker_id="w1", tokenizer_dir=tiny_model)
