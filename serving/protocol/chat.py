@@ -82,7 +82,12 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     """Not supported."""
 
     def unsupported(self) -> list[tuple[str, str]]:
-        found = []
+        found = [(name, f"{name} is not supported{hint}")
+                 for name, hint in (("functions", "; use tools"), ("function_call", "; use tool_choice"),
+                                    ("audio", ""), ("prediction", ""), ("web_search_options", ""))
+                 if getattr(self, name) is not None]
+        if self.modalities is not None and self.modalities != ["text"]:
+            found.append(("modalities", 'modalities must be ["text"]'))
         if self.store:
             found.append(("store", "store=true is not supported: Tessera keeps no chat completions"))
         for name in ("reasoning_effort", "verbosity"):

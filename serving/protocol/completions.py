@@ -25,6 +25,12 @@ class CompletionRequest(SamplingFields, kw_only=True):
     suffix: str | None = None
     """Not supported."""
 
+    def unsupported(self) -> list[tuple[str, str]]:
+        found = [("suffix", "suffix is not supported")] if self.suffix else []
+        if self.best_of is not None and self.best_of != self.n:
+            found.append(("best_of", "best_of must equal n (or be left out): Tessera does not rank samples"))
+        return found
+
 
 class CompletionLogprobs(Struct):
     tokens: list[str]

@@ -55,7 +55,14 @@ class ResponsesRequest(RequestBody, kw_only=True):
     """Not supported (OpenAI's stored prompt templates)."""
 
     def unsupported(self) -> list[tuple[str, str]]:
-        found = [(name, f"{name} is not supported on /v1/responses{hint}")
+        found = [("background", "background responses are not supported")] if self.background else []
+        if self.reasoning is not None:
+            found.append(("reasoning", "reasoning options are not supported"))
+        if self.top_logprobs is not None:
+            found.append(("top_logprobs", "top_logprobs is not supported on /v1/responses"))
+        if self.truncation not in (None, "disabled"):
+            found.append(("truncation", 'truncation must be "disabled"'))
+        found += [(name, f"{name} is not supported on /v1/responses{hint}")
                  for name, hint in (("max_tool_calls", ""), ("conversation", "; use previous_response_id"),
                                     ("prompt", " (stored prompt templates)"))
                  if getattr(self, name) is not None]

@@ -45,7 +45,7 @@ class ChatController(Controller):
           summary="Answer a conversation; `stream: true` answers with server-sent events")
     async def create(self, request: Request, data: ChatCompletionRequest, server: ServerState) -> ChatCompletionResponse:
         server.check_model(data.model)
-        _refuse_unsupported(data)
+        _check_logprob_fields(data)
         guided, guided_param = guided_decoding(data)
         template = server.tokenizer.chat_template
         plan = tool_plan(data.tools, data.tool_choice, data.parallel_tool_calls, template)
@@ -217,12 +217,7 @@ def _logprobs(server: ServerState, logprobs: list[TokenLogprob], top: int) -> Ch
     return ChatLogprobs(content)
 
 
-def _refuse_unsupported(data: ChatCompletionRequest) -> None:
-    for name, hint in (("functions", "; use tools"), ("function_call", "; use tool_choice"), ("audio", ""),
-                       ("prediction", ""), ("web_search_options", "")):
-        if getattr(data, name) is not None:
-            raise bad_request(f"{name} is not supported{hint}", name, "unsupported_parameter")
-    if data.modalities is not None and data.modalities != ["text"]:
-        raise bad_request('modalities must be ["text"]', "modalities", "unsupported_parameter")
+def _check_logprob_fields(data: ChatCompletionRequest) -> None:
+    """Fields that contradict each other (unsupported ones were refused with the body: ChatCompletionRequest.unsupported)."""
     if data.top_logprobs is not None and not data.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")

@@ -41,7 +41,7 @@ class CompletionsController(Controller):
           summary="Complete one or more prompts; `stream: true` answers with server-sent events")
     async def create(self, request: Request, data: CompletionRequest, server: ServerState) -> CompletionResponse:
         server.check_model(data.model)
-        _refuse_unsupported(data)
+        _check_max_tokens(data)
         guided, guided_param = guided_decoding(data)
         guard = RequestGuard.for_request(server, request, "completions")
         items = _prompt_items(data.prompt)
@@ -236,11 +236,7 @@ async def _decode(server: ServerState, ids: list[int]) -> str:
         return ""
 
 
-def _refuse_unsupported(data: CompletionRequest) -> None:
-    if data.suffix:
-        raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
-    if data.best_of is not None and data.best_of != data.n:
-        raise bad_request("best_of must equal n (or be left out): Tessera does not rank samples", "best_of",
-                          "unsupported_parameter")
+def _check_max_tokens(data: CompletionRequest) -> None:
+    """max_tokens 0 only with echo (unsupported fields were refused with the body: CompletionRequest.unsupported)."""
     if data.max_tokens == 0 and not data.echo:
         raise bad_request("max_tokens=0 needs echo=true (it returns the prompt alone)", "max_tokens")

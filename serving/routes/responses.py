@@ -50,7 +50,6 @@ class ResponsesController(Controller):
           summary="OpenAI's Responses API; `stream: true` answers with its server-sent events")
     async def create(self, request: Request, data: ResponsesRequest, server: ServerState) -> dict:
         server.check_model(data.model)
-        _refuse_unsupported(data)
         tenant = request_record(request.scope).tenant
         history: list[dict] = []
         if data.previous_response_id is not None:
@@ -336,14 +335,3 @@ def _refuse_retrieve_options(request: Request) -> None:
     after = query.get("starting_after")
     if after is not None and not after.isdigit():
         raise bad_request(f"starting_after must be a sequence number, got {after[:20]!r}", "starting_after")
-
-
-def _refuse_unsupported(data: ResponsesRequest) -> None:
-    if data.background:
-        raise bad_request("background responses are not supported", "background", "unsupported_parameter")
-    if data.reasoning is not None:
-        raise bad_request("reasoning options are not supported", "reasoning", "unsupported_parameter")
-    if data.top_logprobs is not None:
-        raise bad_request("top_logprobs is not supported on /v1/responses", "top_logprobs", "unsupported_parameter")
-    if data.truncation not in (None, "disabled"):
-        raise bad_request('truncation must be "disabled"', "truncation", "unsupported_parameter")
